@@ -1,0 +1,137 @@
+"""The ``brainit-pl`` command.
+
+Two kinds of subcommands share one entry point:
+
+* Lightning's ``fit``, ``validate``, ``test`` and ``predict`` go to :class:`BrainITCLI`
+  (a :class:`~lightning.pytorch.cli.LightningCLI`): the typed constructor signatures of the
+  LightningModule and :class:`~brainit_pl.data.datamodule.NSDDataModule` are the config schema.
+* Project jobs (``simulate``, ``prepare``, ``evaluate``, ...) are plain argparse subcommands. Each lives
+  in its own module, which exposes ``add_arguments(parser)`` and ``run(args)``; the module is imported
+  only when its subcommand runs, so ``brainit-pl --help`` stays fast.
+
+A :class:`~brainit_pl.errors.BrainITError` anywhere becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from brainit_pl import __version__
+from brainit_pl.errors import BrainITError
+
+# name -> (module, one-line summary). Each module defines add_arguments(parser) and run(args).
+PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
+    "simulate": (
+        "brainit_pl.data.simulate",
+        "write a simulated NSD (raw NSD file layout + ground truth) from a known brain model",
+    ),
+    "prepare": (
+        "brainit_pl.data.prepare",
+        "read a raw NSD root (or MindEye2's release) into brainit-pl's streaming store",
+    ),
+    "evaluate": (
+        "brainit_pl.metrics.evaluate",
+        "score reconstructions against ground-truth images with the standard NSD metrics",
+    ),
+}
+
+LIGHTNING_COMMANDS: dict[str, str] = {
+    "fit": "train a model (LightningCLI; --config configs/<name>.yaml)",
+    "validate": "run the validation loop on a checkpoint",
+    "test": "reconstruct the shared test images and score them",
+    "predict": "run prediction on a checkpoint",
+}
+
+log = logging.getLogger("brainit_pl")
+
+
+def _top_help() -> str:
+    lines = [
+        "usage: brainit-pl <command> [options]",
+        "",
+        "Brain-IT (ICLR 2026): reconstruct the images a person saw from their fMRI (NSD), with PyTorch",
+        "Lightning. Runs on real NSD files, MindEye2's preprocessed release, or a simulated NSD it writes.",
+        "",
+        "training and evaluation (LightningCLI; `brainit-pl fit --help` lists every option):",
+    ]
+    lines += [f"  {name:<12}{text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += ["", "project jobs (`brainit-pl <job> --help`):"]
+    lines += [f"  {name:<12}{text}" for name, (_, text) in PROJECT_COMMANDS.items()]
+    lines += [
+        "",
+        "typical use:",
+        "  brainit-pl simulate --out sim/nsd --preset tiny",
+        "  brainit-pl prepare --nsd-root sim/nsd --out sim/store",
+        "  brainit-pl fit --config configs/subj01.yaml",
+        "",
+        "options:",
+        "  -h, --help   show this message and exit",
+        "  --version    print the version and exit",
+    ]
+    return "\n".join(lines)
+
+
+def _fail(prog: str, message: str) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run_project_command(name: str, argv: Sequence[str]) -> int:
+    """Parse ``argv`` for project job ``name`` and run it; user errors become one line, exit 2."""
+    module_name, summary = PROJECT_COMMANDS[name]
+    module = importlib.import_module(module_name)
+    doc = (module.__doc__ or "").strip()
+    parser = argparse.ArgumentParser(
+        prog=f"brainit-pl {name}",
+        description=doc or summary,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(list(argv))
+    try:
+        status = module.run(args)
+    except BrainITError as err:
+        return _fail(f"brainit-pl {name}", str(err))
+    except KeyboardInterrupt:
+        return _fail(f"brainit-pl {name}", "interrupted (nothing half-written was kept)")
+    return int(status or 0)
+
+
+def run_lightning(argv: Sequence[str]) -> int:
+    """Run a LightningCLI subcommand (fit / validate / test / predict)."""
+    from brainit_pl.lit.cli import BrainITCLI
+
+    try:
+        BrainITCLI(args=list(argv))
+    except BrainITError as err:
+        return _fail(f"brainit-pl {argv[0]}", str(err))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``brainit-pl`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(
+        level=os.environ.get("BRAINIT_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_top_help())
+        return 0
+    if argv[0] == "--version":
+        print(f"brainit-pl {__version__}")
+        return 0
+    name = argv[0]
+    if name in PROJECT_COMMANDS:
+        return run_project_command(name, argv[1:])
+    if name in LIGHTNING_COMMANDS:
+        return run_lightning(argv)
+    return _fail("brainit-pl", f"unknown command {name!r}; expected one of {', '.join([*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
