@@ -1,6 +1,24 @@
-"""Shared test setup: offline hubs, a fixed seed."""
+"""Shared test setup: offline hubs, and one tiny simulated NSD (+ its prepared store) per session."""
 
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_nsd(tmp_path_factory):
+    """A raw NSD root written by the simulator's `tiny` preset (seed 0). Treat as read-only."""
+    from brainit_pl.data.simulate import simulate
+
+    return simulate(tmp_path_factory.mktemp("tiny") / "nsd", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_nsd, tmp_path_factory):
+    """The store `brainit-pl prepare` makes of :func:`tiny_nsd`. Treat as read-only."""
+    from brainit_pl.data.prepare import prepare
+
+    return prepare(tiny_nsd, tmp_path_factory.mktemp("tiny_store") / "store")

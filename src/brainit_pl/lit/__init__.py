@@ -1,0 +1,1 @@
+"""LightningModules and the LightningCLI of brainit-pl."""
