@@ -1,0 +1,6 @@
+"""Pictures: image grids (stimuli, reconstructions) and brain maps (per-voxel values on the volume)."""
+
+from brainit_pl.viz.brain import plot_voxel_map, voxel_volume
+from brainit_pl.viz.grids import save_image_grid
+
+__all__ = ["plot_voxel_map", "save_image_grid", "voxel_volume"]

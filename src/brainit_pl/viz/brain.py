@@ -1,0 +1,59 @@
+"""Brain maps: per-voxel values (a cluster label, a noise ceiling, an attention weight) on the volume.
+
+Voxels are identified as in the store: integer indices ``ijk`` (V, 3) into a volume of known shape and
+affine. nilearn draws the map; this module only builds the NIfTI it needs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+
+from brainit_pl.errors import require
+from brainit_pl.files import atomic_path
+
+
+def voxel_volume(values: np.ndarray, ijk: np.ndarray, shape: tuple[int, int, int],
+                 affine: np.ndarray, *, fill: float = 0.0) -> nib.Nifti1Image:
+    """Scatter per-voxel ``values`` (V,) at ``ijk`` (V, 3) into a 3-D NIfTI of ``shape`` and ``affine``."""
+    values = np.asarray(values, dtype=np.float32)
+    ijk = np.asarray(ijk, dtype=np.int64)
+    require(ijk.ndim == 2 and ijk.shape[1] == 3, f"ijk must be (V, 3), got {ijk.shape}")
+    require(values.shape == (len(ijk),), f"{values.shape[0]} values for {len(ijk)} voxels")
+    require(bool((ijk >= 0).all()) and bool((ijk < np.asarray(shape)).all()),
+            f"voxel indices fall outside the volume of shape {tuple(shape)}")
+    volume = np.full(shape, fill, dtype=np.float32)
+    volume[tuple(ijk.T)] = values
+    return nib.Nifti1Image(volume, np.asarray(affine, dtype=np.float64))
+
+
+def plot_voxel_map(path: str | os.PathLike, values: np.ndarray, ijk: np.ndarray,
+                   shape: tuple[int, int, int], affine: np.ndarray, *, title: str | None = None,
+                   categorical: bool = False, axes=None) -> None:
+    """Draw per-voxel values on the MNI template and save a PNG.
+
+    Args:
+        categorical: labels (clusters, functional types) drawn as an ROI map with one colour per
+            label (label + 1, so label 0 is visible); otherwise a stat map with a colour bar.
+        axes: a matplotlib axes to draw into (nilearn convention); the PNG is written either way.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    values = np.asarray(values)
+    img = voxel_volume(values + 1 if categorical else values, ijk, shape, affine)
+    own_figure = axes is None
+    if own_figure:
+        fig, axes = plt.subplots(figsize=(9, 3.2))
+    draw = plotting.plot_roi if categorical else plotting.plot_stat_map
+    kwargs = {"cmap": "tab20"} if categorical else {}
+    draw(img, axes=axes, title=title, draw_cross=False, display_mode="ortho", **kwargs)
+    with atomic_path(path) as tmp:
+        axes.figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    if own_figure:
+        plt.close(fig)

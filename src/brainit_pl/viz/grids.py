@@ -1,0 +1,53 @@
+"""Image grids saved as PNG, e.g. stimuli previews and ground truth vs reconstruction rows."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+from brainit_pl.errors import require
+from brainit_pl.files import atomic_path
+
+
+def _as_float_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(images))
+    require(t.ndim == 4, f"images must be 4-D (N, C, H, W) or (N, H, W, C), got shape {tuple(t.shape)}")
+    if t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
+        t = t.permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W)
+    if t.dtype == torch.uint8:
+        return t.float() / 255.0
+    return t.float().clamp(0, 1)
+
+
+def save_image_grid(
+    path: str | os.PathLike,
+    rows: Sequence[np.ndarray | torch.Tensor],
+    *,
+    size: int = 128,
+    padding: int = 2,
+) -> None:
+    """Save images as a grid PNG: one row per entry of ``rows`` (e.g. [ground truth, reconstruction]).
+
+    Args:
+        path: the PNG to write (atomically).
+        rows: equal-length image batches, uint8 or float in [0, 1], (N, 3, H, W) or (N, H, W, 3).
+        size: every image is resized to ``size``² (bilinear, anti-aliased) so rows of different
+            resolutions line up.
+    """
+    batches = [_as_float_nchw(r) for r in rows]
+    require(len(batches) > 0, "no images to draw")
+    n = len(batches[0])
+    require(all(len(b) == n for b in batches), f"rows differ in length: {[len(b) for b in batches]}")
+    resized = [
+        torch.nn.functional.interpolate(b, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        for b in batches
+    ]
+    grid = make_grid(torch.cat(resized).clamp(0, 1), nrow=n, padding=padding, pad_value=1.0)  # (3, H', W')
+    array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")

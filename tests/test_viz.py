@@ -1,0 +1,37 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from brainit_pl.errors import BrainITError
+from brainit_pl.viz import plot_voxel_map, save_image_grid, voxel_volume
+
+
+def test_image_grid_rows_and_columns(tmp_path):
+    rng = np.random.default_rng(0)
+    gt = rng.integers(0, 255, size=(3, 40, 40, 3), dtype=np.uint8)  # channels last, uint8
+    rec = rng.random((3, 3, 24, 24), dtype=np.float32)  # channels first, float
+    save_image_grid(tmp_path / "grid.png", [gt, rec], size=32, padding=2)
+    img = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert img.shape == (2 + 2 * 34, 2 + 3 * 34, 3)
+    with pytest.raises(BrainITError, match="differ in length"):
+        save_image_grid(tmp_path / "bad.png", [gt, rec[:2]])
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_voxel_volume_scatters_values():
+    ijk = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    img = voxel_volume(np.array([1.0, 2.0, 3.0]), ijk, (7, 8, 9), np.eye(4))
+    data = img.get_fdata()
+    assert data.shape == (7, 8, 9) and data[3, 4, 5] == 2.0 and data.sum() == 6.0
+    with pytest.raises(BrainITError, match="outside the volume"):
+        voxel_volume(np.ones(1), np.array([[7, 0, 0]]), (7, 8, 9), np.eye(4))
+
+
+def test_plot_voxel_map_writes_png(tmp_path):
+    from nilearn.datasets import load_mni152_gm_mask
+
+    mask = load_mni152_gm_mask(resolution=4)
+    ijk = np.argwhere(mask.get_fdata() > 0)[::50]
+    plot_voxel_map(tmp_path / "labels.png", np.arange(len(ijk)) % 5, ijk, mask.shape, mask.affine,
+                   categorical=True, title="labels")
+    assert Image.open(tmp_path / "labels.png").size[0] > 100
