@@ -72,11 +72,21 @@ class NSDLayout:
             int(p.name[4:]) for p in base.iterdir() if p.name.startswith("subj") and p.name[4:].isdigit()
         )
 
-    def sessions_on_disk(self, subject: int) -> list[int]:
-        """Sessions with a volumetric betas file (NIfTI or its HDF5 twin), in order."""
-        folder = self.betas_dir(subject)
+    def sessions_on_disk(self, subject: int, space: str = "func1pt8mm") -> list[int]:
+        """Sessions with a betas file, in order: volumetric (NIfTI or its HDF5 twin) or, for
+        ``space="fsaverage"``, sessions with both hemispheres' ``.mgh`` files."""
+        folder = self.betas_dir(subject, space)
         if not folder.is_dir():
             return []
+        if space == "fsaverage":
+            per_hemi = [
+                {
+                    int(p.name[len(f"{h}.betas_session") :].split(".")[0])
+                    for p in folder.glob(f"{h}.betas_session*.mgh")
+                }
+                for h in HEMISPHERES
+            ]
+            return sorted(per_hemi[0] & per_hemi[1])
         found = set()
         for p in folder.glob("betas_session*"):
             digits = p.name[len("betas_session") :].split(".")[0]
