@@ -79,13 +79,12 @@ class NSDLayout:
         if not folder.is_dir():
             return []
         if space == "fsaverage":
-            per_hemi = [
-                {
-                    int(p.name[len(f"{h}.betas_session") :].split(".")[0])
-                    for p in folder.glob(f"{h}.betas_session*.mgh")
-                }
-                for h in HEMISPHERES
-            ]
+            per_hemi = []
+            for hemi in HEMISPHERES:
+                digits = (
+                    p.name[len(f"{hemi}.betas_session") :].split(".")[0] for p in folder.glob(f"{hemi}.*.mgh")
+                )
+                per_hemi.append({int(d) for d in digits if d.isdigit()})
             return sorted(per_hemi[0] & per_hemi[1])
         found = set()
         for p in folder.glob("betas_session*"):
