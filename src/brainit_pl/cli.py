@@ -34,6 +34,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.data.prepare",
         "read a raw NSD root (or MindEye2's release) into brainit-pl's streaming store",
     ),
+    "cluster": (
+        "brainit_pl.models.cluster_job",
+        "V2C: cluster voxel embeddings (or coordinates) into functional clusters shared by all subjects",
+    ),
     "evaluate": (
         "brainit_pl.metrics.evaluate",
         "score reconstructions against ground-truth images with the standard NSD metrics",

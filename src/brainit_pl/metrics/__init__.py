@@ -1,0 +1,44 @@
+"""The standard NSD image metrics (MindEye2's evaluator, and Brain-Diffuser's as a second protocol).
+
+Every metric is a :class:`torchmetrics.Metric` whose states sync across devices; :func:`build_eval_suite`
+puts them in one :class:`~torchmetrics.MetricCollection`. Definitions: docs/metrics.md.
+
+* :class:`PixCorr`, :class:`SSIM`: pixel metrics at 425².
+* :class:`TwoWayIdentification`: AlexNet(2), AlexNet(5), Inception v3, CLIP ViT-L/14.
+* :class:`CorrelationDistance`: EfficientNet-B1, SwAV.
+* :class:`Retrieval`: 300-way top-1 between brain and image embeddings.
+* :mod:`~brainit_pl.metrics.report`: metrics.md / .csv / .json and TensorBoard logging.
+* :mod:`~brainit_pl.metrics.evaluate`: the ``brainit-pl evaluate`` job.
+"""
+
+from brainit_pl.metrics.identification import (
+    CorrelationDistance,
+    TwoWayIdentification,
+    two_way_identification,
+)
+from brainit_pl.metrics.image import SSIM, InvalidInputError, PixCorr, check_images
+from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
+from brainit_pl.metrics.report import log_to_tensorboard, make_results, write_reports
+from brainit_pl.metrics.retrieval import Retrieval
+from brainit_pl.metrics.suite import METRIC_NAMES, build_eval_suite, build_feature_nets, summarize
+
+__all__ = [
+    "DEFAULT_PROTOCOL",
+    "METRIC_NAMES",
+    "PROTOCOLS",
+    "SSIM",
+    "CorrelationDistance",
+    "InvalidInputError",
+    "PixCorr",
+    "Retrieval",
+    "TwoWayIdentification",
+    "build_eval_suite",
+    "build_feature_nets",
+    "check_images",
+    "get_protocol",
+    "log_to_tensorboard",
+    "make_results",
+    "summarize",
+    "two_way_identification",
+    "write_reports",
+]
