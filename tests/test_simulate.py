@@ -264,3 +264,18 @@ def test_true_responses_rebuild_the_model(tiny: Path) -> None:
     assert not np.allclose(external, t["responses"][:3])
     with pytest.raises(BrainITError, match="not found"):
         true_responses(tiny, 9, np.arange(1))
+
+
+def test_cli_writes_preview_pictures(tmp_path):
+    from brainit_pl.cli import main
+
+    out = tmp_path / "nsd"
+    assert main(["simulate", "--out", str(out), "--preset", "tiny", "--seed", "1"]) == 0
+    pictures = sorted(p.name for p in (out / "simulation").glob("preview_*.png"))
+    assert pictures == [
+        "preview_stimuli.png",
+        "preview_subj01_areas.png",
+        "preview_subj01_ncsnr.png",
+        "preview_subj02_areas.png",
+        "preview_subj02_ncsnr.png",
+    ]

@@ -22,6 +22,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -69,6 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image-size", type=int, default=None, help="override the stimulus side in pixels")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    parser.add_argument(
+        "--no-preview",
+        action="store_true",
+        help="skip the pictures (OUT/simulation/preview_*.png: stimuli, each subject's areas and ncsnr)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,7 +88,44 @@ def run(args: argparse.Namespace) -> int:
         image_size=args.image_size,
         overwrite=args.overwrite,
     )
+    if not args.no_preview:
+        write_previews(args.out)
     return 0
+
+
+def write_previews(root: Path | str, n_images: int = 16) -> None:
+    """Pictures of a simulated tree: the first stimuli, and per subject its areas and true ncsnr on the brain."""
+    import nibabel as nib
+
+    from brainit_pl.viz import plot_voxel_map, save_image_grid
+
+    layout, sim = NSDLayout(Path(root)), Path(root) / "simulation"
+    with h5py.File(layout.stimuli, "r") as f:
+        images = f["imgBrick"][:n_images]
+    half = (len(images) + 1) // 2
+    save_image_grid(sim / "preview_stimuli.png", [images[:half], images[half : 2 * half]], size=128)
+    areas = json.loads((sim / "truth.json").read_text())["areas"]
+    for subject in layout.subjects_on_disk():
+        roi = nib.load(layout.nsdgeneral(subject))
+        truth = np.load(sim / f"subj{subject:02d}.npz")
+        plot_voxel_map(
+            sim / f"preview_subj{subject:02d}_areas.png",
+            truth["area"],
+            truth["ijk"],
+            roi.shape,
+            roi.affine,
+            categorical=True,
+            title=f"subj{subject:02d} areas: " + " ".join(areas),
+        )
+        plot_voxel_map(
+            sim / f"preview_subj{subject:02d}_ncsnr.png",
+            truth["ncsnr"],
+            truth["ijk"],
+            roi.shape,
+            roi.affine,
+            title=f"subj{subject:02d} true ncsnr",
+        )
+    log.info("pictures: %s/preview_*.png", sim)
 
 
 def simulate(
