@@ -12,13 +12,24 @@ from brainit_pl.cli import main
 
 TINY = str(Path(__file__).parents[1] / "configs" / "tiny.yaml")
 # Variables a parent launcher may have set; a child run must not inherit them.
-DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-             "LOCAL_WORLD_SIZE", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS")
+DIST_VARS = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "LOCAL_WORLD_SIZE",
+    "PL_GLOBAL_SEED",
+    "PL_TRAINER_GPUS",
+)
 
 
 def _fit(store, root, *extra):
-    return main(["fit", "--config", TINY, "--data.store", str(store), "--trainer.default_root_dir", str(root),
-                 *extra])
+    return main(
+        ["fit", "--config", TINY, "--data.store", str(store), "--trainer.default_root_dir", str(root), *extra]
+    )
 
 
 def test_fit_resume_test(tiny_store, tmp_path, capsys):
@@ -34,24 +45,70 @@ def test_fit_resume_test(tiny_store, tmp_path, capsys):
     last = torch.load(resumed[-1], map_location="cpu", weights_only=False)
     assert last["epoch"] == 2 and last["global_step"] > first["global_step"]
 
-    code = main(["test", "--config", TINY, "--data.store", str(tiny_store),
-                 "--trainer.default_root_dir", str(tmp_path / "c"), "--ckpt_path", str(resumed[-1])])
+    code = main(
+        [
+            "test",
+            "--config",
+            TINY,
+            "--data.store",
+            str(tiny_store),
+            "--trainer.default_root_dir",
+            str(tmp_path / "c"),
+            "--ckpt_path",
+            str(resumed[-1]),
+        ]
+    )
     assert code == 0
     assert "test/pixcorr" in capsys.readouterr().out
 
 
-def test_missing_store_is_one_line(tmp_path, capsys):
-    assert _fit(tmp_path / "nowhere", tmp_path / "run") == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "manifest.json" in err
+def _clean_env():
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def test_missing_store_is_one_line(tmp_path):
+    # A real process: what a user sees on the terminal (pytest's capture would mix in Lightning's logs).
+    cmd = [
+        sys.executable,
+        "-m",
+        "brainit_pl.cli",
+        "fit",
+        "--config",
+        TINY,
+        "--data.store",
+        str(tmp_path / "nowhere"),
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == [proc.stderr.strip().splitlines()[-1]] and "manifest.json" in errors[0]
 
 
 def test_ddp_two_cpu_processes(tiny_store, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["HF_HUB_OFFLINE"] = "1"
-    cmd = [sys.executable, "-m", "brainit_pl.cli", "fit", "--config", TINY, "--data.store", str(tiny_store),
-           "--trainer.default_root_dir", str(tmp_path), "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--trainer.max_epochs", "1"]
+    env = _clean_env()
+    cmd = [
+        sys.executable,
+        "-m",
+        "brainit_pl.cli",
+        "fit",
+        "--config",
+        TINY,
+        "--data.store",
+        str(tiny_store),
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_epochs",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stderr or "MEMBER: 2/2" in proc.stderr, proc.stderr[-3000:]

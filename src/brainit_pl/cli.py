@@ -80,6 +80,27 @@ def _top_help() -> str:
     return "\n".join(lines)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever ``sys.stderr`` is now (pytest and notebooks swap it)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _configure_logging() -> None:
+    """Show brainit-pl's own INFO messages on stderr (Lightning configures its own loggers)."""
+    if not log.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(os.environ.get("BRAINIT_LOG_LEVEL", "INFO"))
+
+
 def _fail(prog: str, message: str) -> int:
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
@@ -110,19 +131,22 @@ def run_lightning(argv: Sequence[str]) -> int:
     """Run a LightningCLI subcommand (fit / validate / test / predict)."""
     from brainit_pl.lit.cli import BrainITCLI
 
+    # LightningCLI reads sys.argv, and Lightning's DDP launcher re-runs sys.argv in each child process:
+    # both must see this command, also when main() is called from Python with its own argv.
+    saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "brainit-pl", *argv]
     try:
-        BrainITCLI(args=list(argv))
+        BrainITCLI()
     except BrainITError as err:
         return _fail(f"brainit-pl {argv[0]}", str(err))
+    finally:
+        sys.argv = saved
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``brainit-pl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(
-        level=os.environ.get("BRAINIT_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging()
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0
