@@ -1,6 +1,7 @@
 """Shared test setup: offline hubs, and one tiny simulated NSD (+ its prepared store) per session."""
 
 import os
+import re
 
 import pytest
 
@@ -22,3 +23,20 @@ def tiny_store(tiny_nsd, tmp_path_factory):
     from brainit_pl.data.prepare import prepare
 
     return prepare(tiny_nsd, tmp_path_factory.mktemp("tiny_store") / "store")
+
+
+_LOG_LINE = re.compile(r"^(DEBUG|INFO|WARNING) [\w.]+: ")
+
+
+@pytest.fixture
+def stderr_lines(capsys):
+    """Read what the CLI wrote on stderr since the last read, without brainit-pl's log lines.
+
+    A user error must be exactly one line (and no traceback); progress logs may precede it.
+    """
+
+    def read() -> list[str]:
+        err = capsys.readouterr().err
+        return [line for line in err.strip().splitlines() if line and not _LOG_LINE.match(line)]
+
+    return read

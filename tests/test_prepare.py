@@ -184,35 +184,42 @@ def _copy(sim, tmp_path):
     return NSDLayout(root)
 
 
-def _fails(capsys, tmp_path, args, match):
+def _fails(stderr_lines, tmp_path, args, match):
     """Run prepare through the CLI; expect exit 2, one stderr line matching, and nothing left on disk."""
     out = tmp_path / "out" / "store"
     out.parent.mkdir(exist_ok=True)
-    capsys.readouterr()
+    stderr_lines()
     assert main(["prepare", *args, "--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = stderr_lines()
     assert len(err) == 1 and err[0].startswith("brainit-pl prepare: error: "), err
     assert re.search(match, err[0]), err[0]
     assert list(out.parent.iterdir()) == []  # no store, no temporary folder
     return err[0]
 
 
-def test_missing_root_and_files(capsys, tmp_path, sim):
-    _fails(capsys, tmp_path, ["--nsd-root", str(tmp_path / "nope")], "NSD root .*nope not found")
-    _fails(capsys, tmp_path, ["--mindeye2-root", str(tmp_path / "nope")], "MindEye2 root .*nope not found")
-    _fails(capsys, tmp_path, ["--mindeye2-root", str(tmp_path), "--sessions", "1"], "apply to a raw NSD root")
+def test_missing_root_and_files(stderr_lines, tmp_path, sim):
+    _fails(stderr_lines, tmp_path, ["--nsd-root", str(tmp_path / "nope")], "NSD root .*nope not found")
+    _fails(
+        stderr_lines, tmp_path, ["--mindeye2-root", str(tmp_path / "nope")], "MindEye2 root .*nope not found"
+    )
+    _fails(
+        stderr_lines,
+        tmp_path,
+        ["--mindeye2-root", str(tmp_path), "--sessions", "1"],
+        "apply to a raw NSD root",
+    )
     lay = _copy(sim, tmp_path)
     lay.stimuli.unlink()
-    _fails(capsys, tmp_path, ["--nsd-root", str(lay.root)], "nsd_stimuli.hdf5 not found")
+    _fails(stderr_lines, tmp_path, ["--nsd-root", str(lay.root)], "nsd_stimuli.hdf5 not found")
     lay.expdesign.unlink()
-    _fails(capsys, tmp_path, ["--nsd-root", str(lay.root)], "nsd_expdesign.mat not found")
+    _fails(stderr_lines, tmp_path, ["--nsd-root", str(lay.root)], "nsd_expdesign.mat not found")
 
 
-def test_unknown_subject_and_too_many_sessions(capsys, tmp_path, sim):
+def test_unknown_subject_and_too_many_sessions(stderr_lines, tmp_path, sim):
     lay, store = sim
     found = store.subjects
     _fails(
-        capsys,
+        stderr_lines,
         tmp_path,
         ["--nsd-root", str(lay.root), "--subjects", "1", "9"],
         re.escape("subject(s) [9] not found") + ".*" + re.escape(f"(found subjects {found})"),
@@ -221,7 +228,7 @@ def test_unknown_subject_and_too_many_sessions(capsys, tmp_path, sim):
         prepare(lay.root, tmp_path / "out" / "store", [])
     n = _n_sessions(lay, 1)
     _fails(
-        capsys,
+        stderr_lines,
         tmp_path,
         ["--nsd-root", str(lay.root), "--subjects", "1", "--sessions", str(n + 1)],
         f"--sessions {n + 1} asked, but subject 1 has {n} session",
@@ -239,46 +246,46 @@ def _rewrite(lay, subject, session, vol):
             h5["betas"] = np.ascontiguousarray(vol.transpose(3, 2, 1, 0))
 
 
-def test_wrong_trial_count(capsys, tmp_path, sim):
+def test_wrong_trial_count(stderr_lines, tmp_path, sim):
     lay = _copy(sim, tmp_path)
     vol = np.asarray(nib.load(lay.betas_nifti(2, 1)).dataobj)
     _rewrite(lay, 2, 1, vol[..., :-1])
     tps = vol.shape[3]
     _fails(
-        capsys,
+        stderr_lines,
         tmp_path,
         ["--nsd-root", str(lay.root)],
         rf"betas_session01\.\w+ has {tps - 1} trials, expected {tps}",
     )
 
 
-def test_mask_shape_differs_from_betas(capsys, tmp_path, sim):
+def test_mask_shape_differs_from_betas(stderr_lines, tmp_path, sim):
     lay = _copy(sim, tmp_path)
     roi = nib.load(lay.nsdgeneral(1))
     data = np.asarray(roi.dataobj)
     nib.save(nib.Nifti1Image(np.pad(data, ((0, 1), (0, 0), (0, 0))), roi.affine), lay.nsdgeneral(1))
-    _fails(capsys, tmp_path, ["--nsd-root", str(lay.root)], "nsdgeneral mask has")
+    _fails(stderr_lines, tmp_path, ["--nsd-root", str(lay.root)], "nsdgeneral mask has")
 
 
-def test_nan_and_inf_betas(capsys, tmp_path, sim):
+def test_nan_and_inf_betas(stderr_lines, tmp_path, sim):
     lay = _copy(sim, tmp_path)
     mask = np.asarray(nib.load(lay.nsdgeneral(1)).dataobj) > 0
     vol = np.asarray(nib.load(lay.betas_nifti(1, 1)).dataobj).astype(np.float32)
     i, j, k = np.argwhere(mask)[len(np.argwhere(mask)) // 2]
     vol[i, j, k, 3], vol[i, j, k, 4] = np.nan, np.inf
     _rewrite(lay, 1, 1, vol)
-    _fails(capsys, tmp_path, ["--nsd-root", str(lay.root)], r"betas_session01\.\w+ contains 2 NaN/inf")
+    _fails(stderr_lines, tmp_path, ["--nsd-root", str(lay.root)], r"betas_session01\.\w+ contains 2 NaN/inf")
 
 
-def test_existing_out_is_kept(capsys, tmp_path, sim):
+def test_existing_out_is_kept(stderr_lines, tmp_path, sim):
     lay, _ = sim
     out = tmp_path / "store"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     for extra in ([], ["--overwrite"]):
-        capsys.readouterr()
+        stderr_lines()
         assert main(["prepare", "--nsd-root", str(lay.root), "--out", str(out), *extra]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = stderr_lines()
         assert len(err) == 1 and ("already exists" in err[0] or "not a brainit-pl store" in err[0]), err
         assert (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]

@@ -191,14 +191,16 @@ def test_same_seed_same_arrays_other_seed_differs(tiny: Path, tmp_path: Path) ->
     assert (_expdesign(other)["stimpattern"].shape[0], len(_expdesign(other)["masterordering"][0])) == (1, 45)
 
 
-def test_refuses_non_empty_out_and_leaves_nothing_on_failure(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_refuses_non_empty_out_and_leaves_nothing_on_failure(
+    tmp_path: Path, monkeypatch, stderr_lines
+) -> None:
     out = tmp_path / "nsd"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(BrainITError, match="--overwrite"):
         simulate(out, "tiny")
     assert main(["simulate", "--out", str(out), "--preset", "tiny"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = stderr_lines()
     assert len(err) == 1 and "not empty" in err[0]
 
     def boom(*args, **kwargs):

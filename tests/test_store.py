@@ -30,8 +30,14 @@ def _trials(n):
 
 def _write(root, subject=1, n=9, v=7):
     betas = np.random.default_rng(0).normal(size=(n, v)).astype(np.float32)
-    with SubjectStoreWriter(root / subject_filename(subject), subject=subject, n_trials=n, n_voxels=v,
-                            space="func1pt8mm", trials_per_session=n) as w:
+    with SubjectStoreWriter(
+        root / subject_filename(subject),
+        subject=subject,
+        n_trials=n,
+        n_voxels=v,
+        space="func1pt8mm",
+        trials_per_session=n,
+    ) as w:
         w.write_betas(0, betas[:4])
         w.write_betas(4, betas[4:])
         w.write_trials(_trials(n))
@@ -59,12 +65,24 @@ def test_round_trip_rows_in_given_order(tmp_path):
 
 def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(BrainITError, match="NaN"):
-        with SubjectStoreWriter(tmp_path / "subj01.h5", subject=1, n_trials=2, n_voxels=3,
-                                space="func1pt8mm", trials_per_session=2) as w:
+        with SubjectStoreWriter(
+            tmp_path / "subj01.h5",
+            subject=1,
+            n_trials=2,
+            n_voxels=3,
+            space="func1pt8mm",
+            trials_per_session=2,
+        ) as w:
             w.write_betas(0, np.array([[0, np.nan, 1], [1, 2, 3]]))
     with pytest.raises(BrainITError, match="never written"):
-        with SubjectStoreWriter(tmp_path / "subj01.h5", subject=1, n_trials=2, n_voxels=3,
-                                space="func1pt8mm", trials_per_session=2) as w:
+        with SubjectStoreWriter(
+            tmp_path / "subj01.h5",
+            subject=1,
+            n_trials=2,
+            n_voxels=3,
+            space="func1pt8mm",
+            trials_per_session=2,
+        ) as w:
             w.write_trials(_trials(2))
             w.write_voxels(np.zeros((3, 3)), np.zeros((3, 3)))
     assert list(tmp_path.iterdir()) == []

@@ -32,6 +32,13 @@ def test_plot_voxel_map_writes_png(tmp_path):
 
     mask = load_mni152_gm_mask(resolution=4)
     ijk = np.argwhere(mask.get_fdata() > 0)[::50]
-    plot_voxel_map(tmp_path / "labels.png", np.arange(len(ijk)) % 5, ijk, mask.shape, mask.affine,
-                   categorical=True, title="labels")
+    plot_voxel_map(
+        tmp_path / "labels.png",
+        np.arange(len(ijk)) % 5,
+        ijk,
+        mask.shape,
+        mask.affine,
+        categorical=True,
+        title="labels",
+    )
     assert Image.open(tmp_path / "labels.png").size[0] > 100

@@ -102,8 +102,9 @@ def write_previews(root: Path | str, n_images: int = 16) -> None:
     layout, sim = NSDLayout(Path(root)), Path(root) / "simulation"
     with h5py.File(layout.stimuli, "r") as f:
         images = f["imgBrick"][:n_images]
-    half = (len(images) + 1) // 2
-    save_image_grid(sim / "preview_stimuli.png", [images[:half], images[half : 2 * half]], size=128)
+    half = max(len(images) // 2, 1)
+    rows = [images[:half], images[half : 2 * half]] if len(images) >= 2 else [images]
+    save_image_grid(sim / "preview_stimuli.png", rows, size=128)
     areas = json.loads((sim / "truth.json").read_text())["areas"]
     for subject in layout.subjects_on_disk():
         roi = nib.load(layout.nsdgeneral(subject))

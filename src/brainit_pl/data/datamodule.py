@@ -1,0 +1,279 @@
+"""NSDDataModule: multi-subject NSD batches streamed from a prepared store (``brainit-pl prepare``).
+
+Splits, hour subsets and repeat averaging follow :mod:`brainit_pl.data.splits`; batches are read by
+:mod:`brainit_pl.data.datasets`, one h5py read per batch, in worker processes, without ever loading a
+subject's whole betas matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader
+
+from brainit_pl.data.datasets import BatchDataset, BatchPlan
+from brainit_pl.data.splits import SPLITS, SampleTable, SubjectSplit, make_samples, split_subject
+from brainit_pl.data.store import IMAGE_SIZES, Store
+from brainit_pl.errors import BrainITError, require
+
+log = logging.getLogger(__name__)
+
+# Lightning stage → the splits it needs (None = every split).
+STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
+    "fit": ("train", "val"),
+    "validate": ("val",),
+    "test": ("test",),
+    "predict": ("test",),
+    None: SPLITS,
+}
+
+
+class NSDDataModule(L.LightningDataModule):
+    """Train / val / test batches of one or more subjects of a prepared NSD store.
+
+    Splits (per subject): **test** = every trial of a shared image, from all sessions in the store;
+    **val** = ``val_fraction`` of the non-shared *images* of the ``hours`` subset (split by image, so no
+    repeat of a val image is in train); **train** = the other non-shared images of the subset. ``hours``
+    limits train/val only: the test split is always the full shared set, which is how the published
+    limited-data (1 h) numbers are measured. A sample is one image of one subject, its betas averaged
+    over its repeats (``average_repeats`` / ``test_average_repeats``), or one trial when not averaged.
+
+    Voxels and batching — a choice: with ``voxels_per_sample=k``, each training sample draws k of its
+    subject's voxels uniformly (with replacement by default, as the BIT does with k = 15000; the encoder
+    uses k = 5000), so every sample has the same shape and batches mix subjects freely. With ``None``,
+    and always in val/test, a sample carries all its subject's voxels and batches are **per-subject
+    buckets** (shuffled buckets in train, ordered in val/test): no padding and no padding mask in any
+    model, at the cost of batches that each hold a single subject.
+
+    Each batch is a dict (B samples, k voxels or V_s = all voxels of the batch's subject):
+    ``betas`` (B, k) float32, ``voxel_ids`` (B, k) int64 global voxel ids (``voxel_offsets[subject]`` +
+    local index), ``subject``, ``nsd_id`` (0-based 73k id), ``n_repeats``: (B,) int64, and
+    ``image_224`` / ``image_112`` (B, 3, S, S) float32 in [0, 1] for the sizes in ``image_sizes``.
+
+    Randomness (shuffles, val draw, voxel draws) depends only on ``seed``, the epoch and the batch's
+    global number: the same with any number of workers. Under DDP each rank reads a disjoint shard of the
+    batches (see :class:`~brainit_pl.data.datasets.BatchPlan`).
+
+    Args:
+        store: a store folder written by ``brainit-pl prepare``.
+        subjects: subjects to use (default: every subject in the store); kept sorted in ``self.subjects``.
+        hours: limited-data subset of train/val: ``None`` = all sessions, ``>= 1`` = the first
+            ``round(hours)`` sessions, ``0 < hours < 1`` = the first ``round(hours · trials_per_session)``
+            trials of session 1 (0.5 / 0.25 = 30 / 15 min).
+        voxels_per_sample: k voxels drawn per training sample, or ``None`` for all voxels.
+        voxel_replacement: draw the k voxels with replacement (uniformly); without needs k <= every V.
+        average_repeats: average each train/val image's trials into one sample (else one per trial).
+        test_average_repeats: the same for the test split.
+        val_fraction: fraction of the non-shared images held out for validation, in [0, 1).
+        image_sizes: stimulus sizes to include (subset of 224 and 112).
+        batch_size: training batch size.
+        eval_batch_size: val/test batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes (each re-opens the HDF5 files).
+        seed: seed of the val draw, the shuffles and the voxel draws.
+        persistent_workers: keep workers alive between epochs (with ``num_workers > 0``).
+        pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+
+    Attributes:
+        n_voxels: subject → voxel count V_s (known right after ``__init__``, for linking into models).
+        voxel_offsets: subject → first global voxel id (cumulative over ``subjects`` in sorted order).
+        total_voxels: the sum of ``n_voxels``.
+    """
+
+    def __init__(
+        self,
+        store: str,
+        subjects: list[int] | None = None,
+        hours: float | None = None,
+        voxels_per_sample: int | None = None,
+        voxel_replacement: bool = True,
+        average_repeats: bool = True,
+        test_average_repeats: bool = True,
+        val_fraction: float = 0.05,
+        image_sizes: list[int] = [],  # noqa: B006 - never mutated (copied); a list keeps the CLI schema plain
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        persistent_workers: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.store = Store(store)
+        present = self.store.subjects
+        chosen = sorted(present if subjects is None else {int(s) for s in subjects})
+        unknown = [s for s in chosen if s not in present]
+        require(
+            not unknown,
+            f"subject(s) {unknown} not in the store {self.store.root} (it has subjects {present})",
+        )
+        require(
+            bool(chosen), f"no subjects chosen from the store {self.store.root} (it has subjects {present})"
+        )
+        require(hours is None or hours > 0, f"hours must be positive (or null for all sessions), got {hours}")
+        require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
+        require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
+        require(
+            eval_batch_size is None or eval_batch_size >= 1,
+            f"eval_batch_size must be >= 1, got {eval_batch_size}",
+        )
+        require(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
+        bad_sizes = [s for s in image_sizes if s not in IMAGE_SIZES]
+        require(not bad_sizes, f"image_sizes {bad_sizes} not stored; choose from {list(IMAGE_SIZES)}")
+        require(
+            voxels_per_sample is None or voxels_per_sample >= 1,
+            f"voxels_per_sample must be >= 1, got {voxels_per_sample}",
+        )
+        if image_sizes:
+            self.store.images  # noqa: B018 - fail now (one line) if the store has no image file
+
+        self.subjects: list[int] = chosen
+        # Opening a subject reads only its small tables (trials, voxel coordinates), not the betas.
+        self.n_voxels: dict[int, int] = {s: self.store.subject(s).n_voxels for s in chosen}
+        starts = np.cumsum([0] + [self.n_voxels[s] for s in chosen])
+        self.voxel_offsets: dict[int, int] = {s: int(o) for s, o in zip(chosen, starts)}
+        self.total_voxels: int = int(starts[-1])
+        if voxels_per_sample is not None and not voxel_replacement:
+            small = {s: v for s, v in self.n_voxels.items() if v < voxels_per_sample}
+            require(
+                not small,
+                f"voxels_per_sample={voxels_per_sample} without replacement exceeds the voxel counts {small}; "
+                "lower it or set voxel_replacement=true",
+            )
+        self.hours, self.val_fraction, self.seed = hours, val_fraction, seed
+        self.voxels_per_sample, self.voxel_replacement = voxels_per_sample, voxel_replacement
+        self.average = {"train": average_repeats, "val": average_repeats, "test": test_average_repeats}
+        self.image_sizes = tuple(int(s) for s in image_sizes)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.persistent_workers = persistent_workers
+        self.pin_memory = pin_memory
+        self.samples: dict[str, SampleTable] = {}
+
+    # ----------------------------------------------------------------------------------------- splits
+    def subject_split(self, subject: int) -> SubjectSplit:
+        """The train / val / test store rows of one subject (cheap: trial-table bookkeeping only)."""
+        sub = self.store.subject(subject)
+        return split_subject(
+            subject,
+            sub.trials,
+            sub.trials_per_session,
+            hours=self.hours,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the sample tables of the splits ``stage`` needs.
+
+        Raises:
+            BrainITError: a subject with no training images (train needed) or no shared-image trials
+                (test needed), saying which subject and why.
+        """
+        splits = STAGE_SPLITS.get(stage, SPLITS)
+        per_subject = {s: self.subject_split(s) for s in self.subjects}
+        for s, split in per_subject.items():
+            self._check_split(s, split, splits)
+        nsd_id = {s: self.store.subject(s).trials["nsd_id"] for s in self.subjects}
+        for name in splits:
+            self.samples[name] = SampleTable.concat(
+                [
+                    make_samples(s, per_subject[s].rows(name), nsd_id[s], average=self.average[name])
+                    for s in self.subjects
+                ]
+            )
+        self._log_summary(per_subject, splits)
+
+    def _check_split(self, subject: int, split: SubjectSplit, splits: tuple[str, ...]) -> None:
+        sub = self.store.subject(subject)
+        nsd_id = sub.trials["nsd_id"]
+        if "train" in splits and len(split.train) == 0:
+            n_shared = int(sub.trials["shared"][split.selected].sum())
+            n_val = len(np.unique(nsd_id[split.val]))
+            raise BrainITError(
+                f"hours={self.hours} leaves 0 training images for subject {subject}: {len(split.selected)} trials "
+                f"selected, {n_shared} of them shared (test) images, {n_val} image(s) held out for validation "
+                f"(val_fraction={self.val_fraction}); use more hours or a smaller val_fraction"
+            )
+        if "test" in splits and len(split.test) == 0:
+            raise BrainITError(
+                f"subject {subject} has no test trials: none of its {sub.n_trials} trials in {self.store.root} "
+                "shows a shared image (trials/shared is all false)"
+            )
+
+    @rank_zero_only
+    def _log_summary(self, per_subject: dict[int, SubjectSplit], splits: tuple[str, ...]) -> None:
+        for s, split in per_subject.items():
+            nsd_id = self.store.subject(s).trials["nsd_id"]
+            parts = [
+                f"{name} {len(np.unique(nsd_id[split.rows(name)]))} images / {len(split.rows(name))} trials"
+                for name in splits
+            ]
+            log.info("subject %d: %d voxels, hours=%s; %s", s, self.n_voxels[s], self.hours, ", ".join(parts))
+
+    # ------------------------------------------------------------------------------------ dataloaders
+    def make_dataloader(self, split: str, *, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """The DataLoader of ``split`` for one rank of ``world_size`` (the hooks pass the trainer's).
+
+        Raises:
+            BrainITError: ``split`` unknown, or not built by :meth:`setup` yet.
+        """
+        require(split in SPLITS, f"split must be one of {SPLITS}, got {split!r}")
+        if split not in self.samples:
+            self.setup({"train": "fit", "val": "validate", "test": "test"}[split])
+        samples = self.samples[split]
+        require(
+            len(samples) == 0 or len(samples) >= world_size,
+            f"the {split} split has {len(samples)} sample(s), fewer than the {world_size} DDP ranks: "
+            "every rank needs at least one batch (use fewer devices, or more data / a larger val_fraction)",
+        )
+        train = split == "train"
+        k = self.voxels_per_sample if train else None
+        plan = BatchPlan(
+            samples.subject,
+            self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            bucket_by_subject=k is None,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            even_shards=train,
+        )
+        dataset = BatchDataset(
+            self.store,
+            samples,
+            self.voxel_offsets,
+            voxels_per_sample=k,
+            replacement=self.voxel_replacement,
+            image_sizes=self.image_sizes,
+        )
+        return DataLoader(
+            dataset,
+            sampler=plan,
+            batch_size=None,  # items are whole batches (see datasets.py)
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers and self.num_workers > 0,
+            pin_memory=self.pin_memory,
+        )
+
+    def _rank_world(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {"rank": 0, "world_size": 1}
+        return {"rank": self.trainer.global_rank, "world_size": self.trainer.world_size}
+
+    def train_dataloader(self) -> DataLoader:
+        return self.make_dataloader("train", **self._rank_world())
+
+    def val_dataloader(self) -> DataLoader:
+        return self.make_dataloader("val", **self._rank_world())
+
+    def test_dataloader(self) -> DataLoader:
+        return self.make_dataloader("test", **self._rank_world())
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.make_dataloader("test", **self._rank_world())
