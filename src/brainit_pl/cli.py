@@ -158,7 +158,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_project_command(name, argv[1:])
     if name in LIGHTNING_COMMANDS:
         return run_lightning(argv)
-    return _fail("brainit-pl", f"unknown command {name!r}; expected one of {', '.join([*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])}")
+    return _fail(
+        "brainit-pl",
+        f"unknown command {name!r}; expected one of {', '.join([*LIGHTNING_COMMANDS, *PROJECT_COMMANDS])}",
+    )
 
 
 if __name__ == "__main__":

@@ -83,8 +83,13 @@ class LinearDecoder(L.LightningModule):
         self._step(batch, "test")
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"nsd_id": batch["nsd_id"], "subject": batch["subject"],
-                "image": self(batch["betas"], batch["voxel_ids"])}
+        return {
+            "nsd_id": batch["nsd_id"],
+            "subject": batch["subject"],
+            "image": self(batch["betas"], batch["voxel_ids"]),
+        }
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        return torch.optim.AdamW(
+            self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay
+        )

@@ -15,23 +15,34 @@ from brainit_pl.errors import require
 from brainit_pl.files import atomic_path
 
 
-def voxel_volume(values: np.ndarray, ijk: np.ndarray, shape: tuple[int, int, int],
-                 affine: np.ndarray, *, fill: float = 0.0) -> nib.Nifti1Image:
+def voxel_volume(
+    values: np.ndarray, ijk: np.ndarray, shape: tuple[int, int, int], affine: np.ndarray, *, fill: float = 0.0
+) -> nib.Nifti1Image:
     """Scatter per-voxel ``values`` (V,) at ``ijk`` (V, 3) into a 3-D NIfTI of ``shape`` and ``affine``."""
     values = np.asarray(values, dtype=np.float32)
     ijk = np.asarray(ijk, dtype=np.int64)
     require(ijk.ndim == 2 and ijk.shape[1] == 3, f"ijk must be (V, 3), got {ijk.shape}")
     require(values.shape == (len(ijk),), f"{values.shape[0]} values for {len(ijk)} voxels")
-    require(bool((ijk >= 0).all()) and bool((ijk < np.asarray(shape)).all()),
-            f"voxel indices fall outside the volume of shape {tuple(shape)}")
+    require(
+        bool((ijk >= 0).all()) and bool((ijk < np.asarray(shape)).all()),
+        f"voxel indices fall outside the volume of shape {tuple(shape)}",
+    )
     volume = np.full(shape, fill, dtype=np.float32)
     volume[tuple(ijk.T)] = values
     return nib.Nifti1Image(volume, np.asarray(affine, dtype=np.float64))
 
 
-def plot_voxel_map(path: str | os.PathLike, values: np.ndarray, ijk: np.ndarray,
-                   shape: tuple[int, int, int], affine: np.ndarray, *, title: str | None = None,
-                   categorical: bool = False, axes=None) -> None:
+def plot_voxel_map(
+    path: str | os.PathLike,
+    values: np.ndarray,
+    ijk: np.ndarray,
+    shape: tuple[int, int, int],
+    affine: np.ndarray,
+    *,
+    title: str | None = None,
+    categorical: bool = False,
+    axes=None,
+) -> None:
     """Draw per-voxel values on the MNI template and save a PNG.
 
     Args:

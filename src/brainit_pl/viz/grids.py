@@ -44,7 +44,9 @@ def save_image_grid(
     n = len(batches[0])
     require(all(len(b) == n for b in batches), f"rows differ in length: {[len(b) for b in batches]}")
     resized = [
-        torch.nn.functional.interpolate(b, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        torch.nn.functional.interpolate(
+            b, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         for b in batches
     ]
     grid = make_grid(torch.cat(resized).clamp(0, 1), nrow=n, padding=padding, pad_value=1.0)  # (3, H', W')
