@@ -1,5 +1,6 @@
 """End to end through the real CLI: simulate → prepare → fit → checkpoint → resume → test, and DDP."""
 
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,15 @@ def test_fit_resume_test(tiny_store, tmp_path, capsys):
     )
     assert code == 0
     assert "test/pixcorr" in capsys.readouterr().out
+    # TestEvaluation scored the reconstructions of the shared images, per subject.
+    (report,) = (tmp_path / "c").rglob("metrics.json")
+    results = json.loads(report.read_text())
+    assert results["protocol"] == "mindeye2" and set(results["per_subject"]) == {"subj01", "subj02"}
+    assert results["n_images"] == 10  # the tiny preset's shared images
+    assert -1 <= results["mean"]["pixcorr"] <= 1 and 0 <= results["mean"]["alexnet2"] <= 1
+    assert {p.name for p in report.parent.iterdir()} >= {
+        "metrics.md", "metrics.csv", "recon_grid_subj01.png", "recon_grid_subj02.png",
+    }  # fmt: skip
 
 
 def _clean_env():

@@ -62,7 +62,7 @@ class LinearDecoder(L.LightningModule):
         # but area still averages every source pixel, which is what a low-res target should be).
         return F.interpolate(batch["image_112"], size=self.image_size, mode="area")
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> tuple[torch.Tensor, torch.Tensor]:
         pred = self(batch["betas"], batch["voxel_ids"])
         target = self._target(batch)
         loss = F.mse_loss(pred, target)
@@ -71,16 +71,17 @@ class LinearDecoder(L.LightningModule):
         if stage != "train":
             r = pixel_correlation(pred.float(), target.float()).mean()
             self.log(f"{stage}/pixcorr", r, batch_size=bs, sync_dist=True, prog_bar=True)
-        return loss
+        return loss, pred
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._step(batch, "train")
+        return self._step(batch, "train")[0]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "val")
 
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._step(batch, "test")
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns the reconstructions, which :class:`~brainit_pl.metrics.callback.TestEvaluation` scores."""
+        return {"recon": self._step(batch, "test")[1]}
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {
