@@ -37,10 +37,21 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 
 check: lint test  ## lint + tests
 
-demo: $(STAMP)  ## simulate the demo NSD, prepare the store, train and evaluate on it
-	$(BIN)/brainit-pl simulate --out $(DEMO_DIR)/nsd --preset demo --seed 0
-	$(BIN)/brainit-pl prepare --nsd-root $(DEMO_DIR)/nsd --out $(DEMO_DIR)/store
-	$(BIN)/brainit-pl fit --config configs/demo.yaml --trainer.default_root_dir $(DEMO_DIR)/runs
+demo: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## simulate the demo NSD, prepare it, train the baseline, test it
+	rm -rf $(DEMO_DIR)/runs
+	$(BIN)/brainit-pl fit --config configs/demo.yaml --data.store $(DEMO_DIR)/store \
+		--trainer.default_root_dir $(DEMO_DIR)/runs/fit
+	$(BIN)/brainit-pl test --config configs/demo.yaml --data.store $(DEMO_DIR)/store \
+		--trainer.default_root_dir $(DEMO_DIR)/runs/test \
+		--ckpt_path $(DEMO_DIR)/runs/fit/lightning_logs/version_0/checkpoints/last.ckpt
+	@echo "demo: report and reconstruction grids in $(DEMO_DIR)/runs/test/lightning_logs/version_0/test/;" \
+		"pictures of the simulated brain in $(DEMO_DIR)/nsd/simulation/preview_*.png"
+
+$(DEMO_DIR)/nsd/simulation/truth.json: | $(STAMP)
+	$(BIN)/brainit-pl simulate --out $(DEMO_DIR)/nsd --preset demo --seed 0 --overwrite
+
+$(DEMO_DIR)/store/manifest.json: $(DEMO_DIR)/nsd/simulation/truth.json
+	$(BIN)/brainit-pl prepare --nsd-root $(DEMO_DIR)/nsd --out $(DEMO_DIR)/store --overwrite
 
 clean:  ## remove caches (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache build dist src/*.egg-info

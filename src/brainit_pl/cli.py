@@ -15,11 +15,12 @@ A :class:`~brainit_pl.errors.BrainITError` anywhere becomes one line on stderr a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from brainit_pl import __version__
 from brainit_pl.errors import BrainITError
@@ -92,13 +93,25 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _configure_logging() -> None:
-    """Show brainit-pl's own INFO messages on stderr (Lightning configures its own loggers)."""
-    if not log.handlers:
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(os.environ.get("BRAINIT_LOG_LEVEL", "INFO"))
+@contextlib.contextmanager
+def _cli_logging() -> Iterator[None]:
+    """While a command runs, show brainit-pl's INFO messages on stderr, once.
+
+    Lightning configures its own loggers. Ours gets a handler of its own and does not propagate while the
+    command runs: libraries that call ``logging.info`` configure the root logger, which would print every
+    line twice. Afterwards the logger is as it was (tests capture through the root logger).
+    """
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    saved = log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(os.environ.get("BRAINIT_LOG_LEVEL", "INFO"))
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.level, log.propagate = saved
 
 
 def _fail(prog: str, message: str) -> int:
@@ -146,7 +159,11 @@ def run_lightning(argv: Sequence[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``brainit-pl`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    _configure_logging()
+    with _cli_logging():
+        return _dispatch(argv)
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_top_help())
         return 0
