@@ -1,6 +1,9 @@
 """Backbone factories: tiny twins (structure, frozen, seeded, fast), the real file formats, clear errors."""
 
+import importlib
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -12,7 +15,7 @@ from brainit_pl.backbones import vgg as vgg_module
 from brainit_pl.backbones.clip import TINY_CONFIG, build_clip
 from brainit_pl.backbones.dinov2 import TINY_ARCH, build_dinov2
 from brainit_pl.backbones.vgg import build_vgg
-from brainit_pl.backbones.weights import WEIGHT_FILES, WEIGHTS_ENV, read_state_dict
+from brainit_pl.backbones.weights import WEIGHT_FILES, WEIGHTS_ENV, load_checked, read_state_dict
 from brainit_pl.errors import BrainITError
 
 FACTORIES = {
@@ -347,3 +350,36 @@ def test_unknown_names(tmp_path):
     torch.save({"x": torch.zeros(1)}, bogus)
     with pytest.raises(BrainITError, match="unknown OpenCLIP architecture 'ViT-nope'"):
         build_clip("ViT-nope", pretrained=bogus)
+
+
+# --- one package, one weights path ---------------------------------------------------------------------
+
+
+def test_package_exports_lazily_and_one_module_loads_no_other():
+    import brainit_pl.backbones as backbones
+
+    assert sorted(backbones.__all__) == sorted(backbones._EXPORTS)
+    for name, module in backbones._EXPORTS.items():
+        assert getattr(backbones, name) is getattr(
+            importlib.import_module(f"brainit_pl.backbones.{module}"), name
+        )
+    with pytest.raises(AttributeError, match="no attribute 'build_nothing'"):
+        backbones.build_nothing  # noqa: B018
+    others = ("brainit_pl.metrics", "brainit_pl.backbones.metric_nets", "brainit_pl.backbones.clip")
+    code = f"import sys, brainit_pl.backbones.vgg; print([m for m in {others!r} if m in sys.modules])"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+
+def test_load_checked_keeps_the_module_dtype_and_allows_declared_gaps(tmp_path):
+    """A float16 file (OpenAI's CLIP) fills a float32 module; only ``may_miss`` keys may be absent."""
+    donor = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).half()
+    torch.save({k: v for k, v in donor.state_dict().items() if k.startswith("0.")}, tmp_path / "half.pt")
+    state = read_state_dict(tmp_path / "half.pt")
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    kept = net[1].weight.detach().clone()
+    with pytest.raises(BrainITError, match=r"2 expected keys are missing, e\.g\. \['1\.weight', '1\.bias'\]"):
+        load_checked(net, state, source="half.pt", arch="two linears")
+    load_checked(net, state, source="half.pt", arch="two linears", may_miss=("1.",))
+    assert net[0].weight.dtype == torch.float32 and torch.equal(net[0].weight, donor[0].weight.float())
+    assert torch.equal(net[1].weight, kept)

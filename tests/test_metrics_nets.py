@@ -33,7 +33,8 @@ def test_tiny_twin_gives_one_flat_feature_per_image(name, protocol, images):
     features = net(images)
     assert features.ndim == 2 and features.shape[0] == 3 and features.dtype == torch.float32
     assert torch.isfinite(features).all()
-    assert not any(p.requires_grad for p in net.parameters())
+    frozen = list(net.body.parameters())  # the network lives outside net's module tree (FrozenBackbone)
+    assert frozen and not any(p.requires_grad for p in frozen)
     net.train()
     assert not net.training  # frozen in eval mode whatever the caller does
     assert torch.equal(net(images), features)  # deterministic
@@ -77,10 +78,10 @@ def test_clip_loads_a_torchscript_archive_like_openais(images, tmp_path):
 def test_wrong_or_broken_weight_file_is_a_clear_error(tmp_path):
     path = tmp_path / "alexnet-owt-7be5be79.pth"
     torch.save(build_bare_metric_net("swav", tiny=True).state_dict(), path)
-    with pytest.raises(BrainITError, match="does not fit"):
+    with pytest.raises(BrainITError, match=r"does not hold torchvision AlexNet \(tiny twin\) weights"):
         build_metric_net("alexnet2", tiny=True, weights=path)
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(BrainITError, match="cannot read weight file"):
+    with pytest.raises(BrainITError, match="cannot read weights file"):
         build_metric_net("alexnet2", tiny=True, weights=path)
 
 
@@ -100,7 +101,10 @@ def test_weights_folder_comes_from_argument_then_environment(tmp_path, monkeypat
     assert weights_folder(tmp_path / "arg") == tmp_path / "arg"
     (tmp_path / "env").mkdir()
     (tmp_path / "env" / METRIC_NETS["effnet"].filename).write_bytes(b"")
-    assert resolve_weights("effnet") == tmp_path / "env" / METRIC_NETS["effnet"].filename
+    assert (
+        resolve_weights(METRIC_NETS["effnet"].weights_key)
+        == tmp_path / "env" / METRIC_NETS["effnet"].filename
+    )
     monkeypatch.delenv(WEIGHTS_ENV)
     assert weights_folder() == weights_folder("~/.cache/brainit-pl/weights")
 

@@ -4,28 +4,133 @@ Each ``build_<thing>`` returns a frozen, eval-mode module whose weights come fro
 network has a tiny twin (random, seeded, instant on CPU) built by the same factory and loaded through the
 same code. None of them ever lands in a checkpoint.
 
-* :func:`build_metric_net`: the feature networks of the image metrics (AlexNet, Inception v3, CLIP
-  ViT-L/14, EfficientNet-B1, SwAV ResNet-50), with the evaluation protocol's resize and normalisation.
+* :func:`build_clip` (:mod:`.clip`): OpenCLIP ViT-bigG-14 patch tokens, the semantic targets.
+* :func:`build_vgg` (:mod:`.vgg`): VGG16-BN feature maps; :class:`VGGTokens`, :func:`vgg_maps_to_tokens`
+  and :func:`vgg_tokens_to_maps` turn them into the low-level tokens and back.
+* :func:`build_dinov2` (:mod:`.dinov2`): DINOv2 ViT-L/14 (registers) tokens, the Universal Encoder's backbone.
+* :func:`build_metric_net` and :func:`build_bare_metric_net` (:mod:`.metric_nets`): the feature networks of
+  the image metrics (AlexNet, Inception v3, CLIP ViT-L/14, EfficientNet-B1, SwAV ResNet-50), with the
+  evaluation protocol's resize and normalisation; tiny twins in :mod:`.metric_tiny`.
+* :mod:`.weights`: the weights folder (:func:`weights_folder`, ``$BRAINIT_WEIGHTS``), the file registry
+  (:data:`WEIGHT_FILES`), :func:`resolve_weights`, :func:`read_state_dict` and strict :func:`load_checked`,
+  shared by all of the above; :mod:`.frozen`: :class:`FrozenBackbone`, the frozen wrapper.
+
+The names below are imported on first use (PEP 562 ``__getattr__``), so importing one backbone module
+(``brainit_pl.backbones.vgg``) loads neither the others nor the metrics package that the metric networks need.
 """
 
-from brainit_pl.backbones.metric_nets import (
-    METRIC_NETS,
-    WEIGHTS_ENV,
-    MetricNet,
-    MetricNetSpec,
-    build_bare_metric_net,
-    build_metric_net,
-    resolve_weights,
-    weights_folder,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# the public names of each submodule (``__all__`` lists the same names, for star imports and linters)
+_SUBMODULE_EXPORTS: dict[str, tuple[str, ...]] = {
+    "clip": ("CLIPTokens", "build_clip"),
+    "vgg": (
+        "VGG_TOKEN_RULES",
+        "TokenRule",
+        "VGGFeatures",
+        "VGGTokenLayout",
+        "VGGTokens",
+        "build_vgg",
+        "vgg_maps_to_tokens",
+        "vgg_token_layout",
+        "vgg_tokens_to_maps",
+    ),
+    "dinov2": ("DINOv2Tokens", "build_dinov2"),
+    "metric_nets": ("METRIC_NETS", "MetricNet", "MetricNetSpec", "build_bare_metric_net", "build_metric_net"),
+    "frozen": ("IMAGENET_MEAN", "IMAGENET_STD", "FrozenBackbone", "seeded"),
+    "weights": (
+        "DEFAULT_WEIGHTS_DIR",
+        "WEIGHTS_ENV",
+        "WEIGHT_FILES",
+        "WeightFile",
+        "load_checked",
+        "read_state_dict",
+        "resolve_weights",
+        "weights_folder",
+    ),
+}
+_EXPORTS: dict[str, str] = {name: module for module, names in _SUBMODULE_EXPORTS.items() for name in names}
 
 __all__ = [
+    "DEFAULT_WEIGHTS_DIR",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
     "METRIC_NETS",
+    "VGG_TOKEN_RULES",
     "WEIGHTS_ENV",
+    "WEIGHT_FILES",
+    "CLIPTokens",
+    "DINOv2Tokens",
+    "FrozenBackbone",
     "MetricNet",
     "MetricNetSpec",
+    "TokenRule",
+    "VGGFeatures",
+    "VGGTokenLayout",
+    "VGGTokens",
+    "WeightFile",
     "build_bare_metric_net",
+    "build_clip",
+    "build_dinov2",
     "build_metric_net",
+    "build_vgg",
+    "load_checked",
+    "read_state_dict",
     "resolve_weights",
+    "seeded",
+    "vgg_maps_to_tokens",
+    "vgg_token_layout",
+    "vgg_tokens_to_maps",
     "weights_folder",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first access, and cache the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
+    from brainit_pl.backbones.clip import CLIPTokens, build_clip
+    from brainit_pl.backbones.dinov2 import DINOv2Tokens, build_dinov2
+    from brainit_pl.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, seeded
+    from brainit_pl.backbones.metric_nets import (
+        METRIC_NETS,
+        MetricNet,
+        MetricNetSpec,
+        build_bare_metric_net,
+        build_metric_net,
+    )
+    from brainit_pl.backbones.vgg import (
+        VGG_TOKEN_RULES,
+        TokenRule,
+        VGGFeatures,
+        VGGTokenLayout,
+        VGGTokens,
+        build_vgg,
+        vgg_maps_to_tokens,
+        vgg_token_layout,
+        vgg_tokens_to_maps,
+    )
+    from brainit_pl.backbones.weights import (
+        DEFAULT_WEIGHTS_DIR,
+        WEIGHT_FILES,
+        WEIGHTS_ENV,
+        WeightFile,
+        load_checked,
+        read_state_dict,
+        resolve_weights,
+        weights_folder,
+    )

@@ -25,13 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from brainit_pl.backbones.frozen import FrozenBackbone, seeded
 from brainit_pl.backbones.weights import (
     WEIGHT_FILES,
-    FrozenBackbone,
     load_checked,
     read_state_dict,
     resolve_weights,
-    seeded,
     weights_folder,
 )
 from brainit_pl.errors import BrainITError, require

@@ -25,14 +25,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from brainit_pl.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, seeded
 from brainit_pl.backbones.weights import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FrozenBackbone,
     load_checked,
     read_state_dict,
     resolve_weights,
-    seeded,
 )
 from brainit_pl.errors import BrainITError, require
 

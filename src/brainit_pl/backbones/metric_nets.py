@@ -17,39 +17,40 @@ swav       SwAV ResNet-50, 800 epochs (facebookresearch)   avgpool      224²   
 (IMAGENET1K_V1 / V2 are the DEFAULT weights of torchvision 0.29, which MindEye2 asks for.) Under the
 ``braindiffuser`` protocol every network gets 224² inputs.
 
-Real weights come only from local files in the weights folder: the ``weights_dir`` argument, else the
-``BRAINIT_WEIGHTS`` environment variable, else ``~/.cache/brainit-pl/weights`` (data/README.md lists the
-files and where to get them). A tiny twin (``tiny=True``) has the same interface and output structure, is
-random and seeded, and loads a weight file through the same code as the real network.
-
-The network is deliberately not a submodule of the metrics that use it: it never lands in a checkpoint,
-and it moves itself to the device of the images it is given.
+Real weights come only from local files (``WEIGHT_FILES``, data/README.md), found, read and checked by
+:mod:`brainit_pl.backbones.weights` like every backbone's. A tiny twin (``tiny=True``,
+:mod:`brainit_pl.backbones.metric_tiny`) has the same interface and output structure, is random and seeded,
+and loads a weight file through the same code as the real network. A :class:`MetricNet` is a
+:class:`~brainit_pl.backbones.frozen.FrozenBackbone` (frozen, never in a checkpoint); it moves itself to
+the device of the images it is given.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import warnings
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from brainit_pl.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, seeded
+from brainit_pl.backbones.metric_tiny import TINY_CLIP_CFG, TinyAlexNet, TinyPooled, tiny_efficientnet
+from brainit_pl.backbones.weights import WEIGHT_FILES, load_checked, read_state_dict, resolve_weights
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
 
-WEIGHTS_ENV = "BRAINIT_WEIGHTS"
-DEFAULT_WEIGHTS_DIR = Path("~/.cache/brainit-pl/weights")
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-class MetricNet(nn.Module):
+class MetricNet(FrozenBackbone):
     """A frozen feature network with its preprocessing: (B, 3, H, W) in [0, 1] → (B, D) float32.
+
+    As a :class:`~brainit_pl.backbones.frozen.FrozenBackbone` it keeps ``body`` outside its module tree
+    (its ``state_dict()`` and ``parameters()`` are empty) while ``.to()`` and dtype casts reach it.
 
     Args:
         name: registry name (``"alexnet2"``, ...).
@@ -71,14 +72,20 @@ class MetricNet(nn.Module):
         protocol: str | Protocol = DEFAULT_PROTOCOL,
         node: str | None = None,
     ) -> None:
-        super().__init__()
-        self.name, self.input_size, self.node = name, input_size, node
+        super().__init__(body, image_size=input_size, mean=mean, std=std)
+        self.name, self.node = name, node
         self.protocol = get_protocol(protocol)
-        self.body = body
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        self.requires_grad_(False)
-        super().train(False)
+        self.train(False)
+
+    @property
+    def body(self) -> nn.Module:
+        """The frozen network (the same as :attr:`net`)."""
+        return self.net
+
+    @property
+    def input_size(self) -> int:
+        """Side of the network input under the MindEye2 protocol."""
+        return self.image_size
 
     def train(self, mode: bool = True) -> MetricNet:
         """Stay in eval mode: batch norm and dropout must not change the features."""
@@ -87,6 +94,10 @@ class MetricNet(nn.Module):
     def __deepcopy__(self, memo: dict) -> MetricNet:
         """Shared, not copied, when a metric is cloned (``Metric.clone``): it is frozen, and large."""
         return self
+
+    def resize(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) → (B, 3, S, S) float32, as the protocol resizes the network input."""
+        return self.protocol.net_input(images, self.image_size)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -100,9 +111,7 @@ class MetricNet(nn.Module):
         """
         if self.mean.device != images.device:
             self.to(images.device)  # follow the data: the metrics do not own this module
-        x = self.protocol.net_input(images, self.input_size)  # (B, 3, S, S)
-        x = (x - self.mean) / self.std
-        out = self.body(x)
+        out = self.net(self.preprocess(images))  # protocol resize to (B, 3, S, S), then normalise
         if self.node is not None:
             out = out[self.node]
         return out.flatten(1).float()
@@ -113,172 +122,88 @@ class MetricNet(nn.Module):
 
 @dataclass(frozen=True)
 class MetricNetSpec:
-    """Where a metric network comes from and how it is fed. Architectures are data, weights are files."""
+    """Where a metric network comes from and how it is fed. Architectures are data, weights are files.
+
+    Attributes:
+        name: registry name.
+        weights_key: its file in :data:`~brainit_pl.backbones.weights.WEIGHT_FILES`.
+        arch: the architecture, for messages.
+        input_size: input side under the MindEye2 protocol.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation std.
+        node: the feature's node (``create_feature_extractor``), or ``None`` for CLIP's image embedding.
+        build: ``build(tiny)`` → randomly initialised network (real or tiny twin).
+        drop_keys: key prefixes of the file that the network does not use.
+        may_miss: key prefixes of the network that the file may lack.
+    """
 
     name: str
-    filename: str
-    url: str
-    size: str
+    weights_key: str
+    arch: str
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     node: str | None
-    build: Callable[[bool], nn.Module]  # build(tiny) -> randomly initialised network
-    load: Callable[[nn.Module, Path], None]  # load(network, file), shared by real nets and tiny twins
+    build: Callable[[bool], nn.Module]
+    drop_keys: tuple[str, ...] = ()
+    may_miss: tuple[str, ...] = ()
 
+    @property
+    def filename(self) -> str:
+        """The weight file's name in the weights folder (``WEIGHT_FILES[weights_key].path``)."""
+        return WEIGHT_FILES[self.weights_key].path
 
-# ---------------------------------------------------------------------------------------------- weights
-def weights_folder(weights_dir: str | os.PathLike | None = None) -> Path:
-    """The folder holding metric weight files: the argument, else ``$BRAINIT_WEIGHTS``, else the default."""
-    chosen = weights_dir or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR
-    return Path(chosen).expanduser()
+    @property
+    def url(self) -> str:
+        """Where to download the weight file."""
+        return WEIGHT_FILES[self.weights_key].url
 
+    @property
+    def size(self) -> str:
+        """The weight file's size, as its source lists it."""
+        return WEIGHT_FILES[self.weights_key].size
 
-def _is_torchscript(path: Path) -> bool:
-    """True for a TorchScript archive (OpenAI's CLIP ``.pt`` files are TorchScript, not pickles)."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as archive:
-        return any(entry.endswith("constants.pkl") for entry in archive.namelist())
+    def load(self, net: nn.Module, path: str | os.PathLike, *, tiny: bool = False) -> None:
+        """Fill ``net`` (built by :attr:`build`) from the weight file ``path``; real nets and twins alike.
 
-
-def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Read a state dict safely (``weights_only``); unwrap ``state_dict`` and strip DataParallel's ``module.``."""
-    try:
-        if _is_torchscript(path):
-            with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships CLIP that way
-                warnings.simplefilter("ignore", FutureWarning)
-                state = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated download or a wrong file is a user error
-        raise BrainITError(f"cannot read weight file {path}: {err.__class__.__name__}: {err}") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise BrainITError(f"weight file {path} holds a {type(state).__name__}, not a state dict")
-    return {key.removeprefix("module."): value for key, value in state.items()}
-
-
-def _load_strict(
-    net: nn.Module, path: Path, drop_prefixes: tuple[str, ...] = (), may_miss: tuple[str, ...] = ()
-) -> None:
-    """Load ``path`` into ``net``; only keys under ``may_miss`` may be missing. Errors name the file."""
-    # Non-persistent buffers (e.g. CLIP's causal mask) are rebuilt by the network; TorchScript files keep them.
-    transient = {name for name, _ in net.named_buffers()} - set(net.state_dict())
-    state = {
-        k: v
-        for k, v in read_state_dict(path).items()
-        if not k.startswith(drop_prefixes) and k not in transient
-    }
-    try:
-        missing, unexpected = net.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatch
-        raise BrainITError(
-            f"weight file {path} does not fit this network: {str(err).splitlines()[0]}"
-        ) from err
-    missing = [k for k in missing if not k.startswith(may_miss)]
-    if missing or unexpected:
-        raise BrainITError(
-            f"weight file {path} does not fit this network: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-
-
-def _load_torchvision(net: nn.Module, path: Path) -> None:
-    _load_strict(net, path)
-
-
-def _load_swav(net: nn.Module, path: Path) -> None:
-    # facebookresearch/swav's hub checkpoint: "module."-prefixed ResNet-50 trunk plus the SwAV projection
-    # head and prototypes; it has no classifier, so torchvision's fc stays random (avgpool is before it).
-    _load_strict(net, path, drop_prefixes=("projection_head.", "prototypes."), may_miss=("fc.",))
-
-
-def _load_clip(net: nn.Module, path: Path) -> None:
-    # OpenAI's TorchScript archive also holds three non-tensor entries, which open_clip drops too.
-    _load_strict(net, path, drop_prefixes=("input_resolution", "context_length", "vocab_size"))
+        Raises:
+            BrainITError: an unreadable file, or one whose keys or shapes do not fit ``net``.
+        """
+        state = {k: v for k, v in read_state_dict(path).items() if not k.startswith(self.drop_keys)}
+        arch = f"{self.arch} (tiny twin)" if tiny else self.arch
+        load_checked(net, state, source=path, arch=arch, may_miss=self.may_miss)
 
 
 # ---------------------------------------------------------------------------------------- architectures
-class _TinyAlexNet(nn.Module):
-    """AlexNet's layer indexing (ReLUs at features.4 and features.11) with a few channels."""
+def _torchvision(
+    builder: str, tiny: Callable[[], nn.Module], **kwargs: object
+) -> Callable[[bool], nn.Module]:
+    """``build(tiny)``: torchvision's ``builder(weights=None, **kwargs)``, or the tiny twin ``tiny()``."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 8, 11, stride=4, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),  # 0-2
-            nn.Conv2d(8, 12, 5, padding=2), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),  # 3-5
-            nn.Conv2d(12, 16, 3, padding=1), nn.ReLU(inplace=True),  # 6-7
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True),  # 8-9
-            nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2),  # 10-12
-        )  # fmt: skip
+    def build(is_tiny: bool) -> nn.Module:
+        import torchvision.models
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.features(x)
+        return tiny() if is_tiny else getattr(torchvision.models, builder)(weights=None, **kwargs)
+
+    return build
 
 
-class _TinyPooled(nn.Module):
-    """A strided conv stack ending in ``avgpool`` and ``fc``, standing in for Inception and ResNet-50."""
-
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(3, width, 7, stride=4, padding=3), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-        )  # fmt: skip
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(2 * width, 10)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(torch.flatten(self.avgpool(self.stem(x)), 1))
-
-
-def _alexnet(tiny: bool) -> nn.Module:
-    from torchvision.models import alexnet
-
-    return _TinyAlexNet() if tiny else alexnet(weights=None)
-
-
-def _inception(tiny: bool) -> nn.Module:
-    from torchvision.models import inception_v3
-
-    # With its pretrained weights torchvision sets transform_input=True (it re-maps ImageNet-normalised
-    # input to the [-1, 1] scaling the Google weights expect) and keeps the aux head (its keys are in the file).
-    return (
-        _TinyPooled(8)
-        if tiny
-        else inception_v3(weights=None, aux_logits=True, transform_input=True, init_weights=False)
-    )
-
-
-def _effnet(tiny: bool) -> nn.Module:
-    from torchvision.models import EfficientNet, efficientnet_b1
-    from torchvision.models.efficientnet import MBConvConfig
-
-    if not tiny:
-        return efficientnet_b1(weights=None)
-    blocks = [MBConvConfig(1, 3, 1, 8, 8, 1), MBConvConfig(4, 3, 2, 8, 12, 1)]
-    return EfficientNet(blocks, dropout=0.2, last_channel=24)  # the real class, tiny configuration
-
-
-def _swav(tiny: bool) -> nn.Module:
-    from torchvision.models import resnet50
-
-    return _TinyPooled(12) if tiny else resnet50(weights=None)
+_alexnet = _torchvision("alexnet", TinyAlexNet)
+# With its pretrained weights torchvision sets transform_input=True (it re-maps ImageNet-normalised input to
+# the [-1, 1] scaling the Google weights expect) and keeps the aux head (its keys are in the file).
+_inception = _torchvision(
+    "inception_v3", lambda: TinyPooled(8), aux_logits=True, transform_input=True, init_weights=False
+)
+_effnet = _torchvision("efficientnet_b1", tiny_efficientnet)
+_swav = _torchvision("resnet50", lambda: TinyPooled(12))
 
 
 def _clip(tiny: bool) -> nn.Module:
     import open_clip
 
-    tiny_cfg = {}
-    if tiny:
-        tiny_cfg = {
-            "embed_dim": 32,
-            "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
-            "text_cfg": {"context_length": 77, "vocab_size": 1000, "width": 32, "heads": 2, "layers": 1},
-        }
+    tiny_cfg = copy.deepcopy(TINY_CLIP_CFG) if tiny else {}
     # OpenAI's weights were trained with QuickGELU; open_clip's plain "ViT-L-14" config uses nn.GELU.
-    # Weights are loaded afterwards by _load_clip; silence open_clip's "initialized randomly" warning.
+    # Weights are loaded afterwards; silence open_clip's "initialized randomly" warning.
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
@@ -287,56 +212,30 @@ def _clip(tiny: bool) -> nn.Module:
         logging.disable(previous)
 
 
-class _ClipImageEncoder(nn.Module):
-    """CLIP's ``encode_image``: the un-normalised image embedding, as MindEye2 and Brain-Diffuser use it.
-
-    Holds only the vision tower (open_clip's ``encode_image`` is ``visual(x)``); the text tower, needed only
-    to read the checkpoint, is freed.
-    """
-
-    def __init__(self, clip_model: nn.Module) -> None:
-        super().__init__()
-        self.visual = clip_model.visual
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.visual(x)
-
-
-_TV = "https://download.pytorch.org/models/"
+_IMAGENET = (IMAGENET_MEAN, IMAGENET_STD)
+# SwAV's hub file: a "module."-prefixed ResNet-50 trunk, projection head and prototypes, no classifier (so
+# torchvision's fc stays random; avgpool is before it). OpenAI's CLIP archive has 3 non-weight entries.
 METRIC_NETS: dict[str, MetricNetSpec] = {
     spec.name: spec
     for spec in (
-        MetricNetSpec("alexnet2", "alexnet-owt-7be5be79.pth", _TV + "alexnet-owt-7be5be79.pth", "233 MB",
-                      256, IMAGENET_MEAN, IMAGENET_STD, "features.4", _alexnet, _load_torchvision),
-        MetricNetSpec("alexnet5", "alexnet-owt-7be5be79.pth", _TV + "alexnet-owt-7be5be79.pth", "233 MB",
-                      256, IMAGENET_MEAN, IMAGENET_STD, "features.11", _alexnet, _load_torchvision),
-        MetricNetSpec("inception", "inception_v3_google-0cc3c7bd.pth", _TV + "inception_v3_google-0cc3c7bd.pth",
-                      "104 MB", 342, IMAGENET_MEAN, IMAGENET_STD, "avgpool", _inception, _load_torchvision),
-        MetricNetSpec("clip", "ViT-L-14.pt",
-                      "https://openaipublic.azureedge.net/clip/models/"
-                      "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-                      "890 MB", 224, CLIP_MEAN, CLIP_STD, None, _clip, _load_clip),
-        MetricNetSpec("effnet", "efficientnet_b1-c27df63c.pth", _TV + "efficientnet_b1-c27df63c.pth", "30 MB",
-                      255, IMAGENET_MEAN, IMAGENET_STD, "avgpool", _effnet, _load_torchvision),
-        MetricNetSpec("swav", "swav_800ep_pretrain.pth.tar",
-                      "https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar", "~110 MB",
-                      224, IMAGENET_MEAN, IMAGENET_STD, "avgpool", _swav, _load_swav),
+        MetricNetSpec("alexnet2", "alexnet", "torchvision AlexNet", 256, *_IMAGENET, "features.4", _alexnet),
+        MetricNetSpec("alexnet5", "alexnet", "torchvision AlexNet", 256, *_IMAGENET, "features.11", _alexnet),
+        MetricNetSpec("inception", "inception-v3", "torchvision Inception v3", 342, *_IMAGENET, "avgpool",
+                      _inception),
+        MetricNetSpec("clip", "openai-clip-vit-l-14", "open_clip ViT-L-14 (QuickGELU)", 224, CLIP_MEAN, CLIP_STD,
+                      None, _clip, drop_keys=("input_resolution", "context_length", "vocab_size")),
+        MetricNetSpec("effnet", "efficientnet-b1", "torchvision EfficientNet-B1", 255, *_IMAGENET, "avgpool",
+                      _effnet),
+        MetricNetSpec("swav", "swav-rn50", "torchvision ResNet-50 (SwAV trunk)", 224, *_IMAGENET, "avgpool",
+                      _swav, drop_keys=("projection_head.", "prototypes."), may_miss=("fc.",)),
     )
 }  # fmt: skip
 
 
-def resolve_weights(name: str, weights_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the weight file of metric network ``name``; a BrainITError naming it when it is missing."""
-    spec = METRIC_NETS[name]
-    folder = weights_folder(weights_dir)
-    path = folder / spec.filename
-    if not path.is_file():
-        raise BrainITError(
-            f"metric network {name!r} needs the weight file {spec.filename}, which is not in {folder} "
-            f"(set --weights-dir or ${WEIGHTS_ENV}); download it from {spec.url} (see data/README.md), "
-            "or use the tiny random twins (--nets tiny) for a smoke test"
-        )
-    return path
+def _spec(name: str) -> MetricNetSpec:
+    if name not in METRIC_NETS:
+        raise BrainITError(f"unknown metric network {name!r}; expected one of {', '.join(METRIC_NETS)}")
+    return METRIC_NETS[name]
 
 
 def build_bare_metric_net(name: str, *, tiny: bool = False, seed: int = 0) -> nn.Module:
@@ -344,11 +243,9 @@ def build_bare_metric_net(name: str, *, tiny: bool = False, seed: int = 0) -> nn
 
     Tests save a tiny twin's state dict with this and read it back through :func:`build_metric_net`.
     """
-    if name not in METRIC_NETS:
-        raise BrainITError(f"unknown metric network {name!r}; expected one of {', '.join(METRIC_NETS)}")
-    with torch.random.fork_rng(devices=[]):  # seeded, without touching the caller's random state
-        torch.manual_seed(seed)
-        return METRIC_NETS[name].build(tiny)
+    spec = _spec(name)
+    with seeded(seed):  # without touching the caller's random state
+        return spec.build(tiny)
 
 
 def build_metric_net(
@@ -378,21 +275,16 @@ def build_metric_net(
         A :class:`MetricNet` mapping (B, 3, H, W) images in [0, 1] to (B, D) features.
 
     Raises:
-        BrainITError: unknown name, missing or unreadable weight file.
+        BrainITError: unknown name, missing or unreadable weight file, or a file of another architecture.
     """
-    if name not in METRIC_NETS:
-        raise BrainITError(f"unknown metric network {name!r}; expected one of {', '.join(METRIC_NETS)}")
-    spec = METRIC_NETS[name]
-    path: Path | None = None
-    if weights is not None:
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise BrainITError(f"weight file {path} for metric network {name!r} does not exist")
-    elif not tiny and not random_init:
-        path = resolve_weights(name, weights_dir)  # fail before the slow build
+    spec = _spec(name)
+    path = None
+    if weights is not None or not (tiny or random_init):  # fail on a missing file before the slow build
+        path = resolve_weights(spec.weights_key, weights, weights_dir=weights_dir)
+    # Built with random weights, not on the meta device: a file may leave some (SwAV's fc) to the network.
     net = build_bare_metric_net(name, tiny=tiny, seed=seed)
     if path is not None:
-        spec.load(net, path)
+        spec.load(net, path, tiny=tiny)
     net.eval()
     body: nn.Module
     if spec.node is not None:
@@ -402,6 +294,6 @@ def build_metric_net(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             body = create_feature_extractor(net, return_nodes=[spec.node])
-    else:
-        body = _ClipImageEncoder(net)
+    else:  # CLIP's un-normalised image embedding (MindEye2, Brain-Diffuser): encode_image is visual(x), so
+        body = net.visual  # only the vision tower is kept; the text tower, needed to read the file, is freed
     return MetricNet(name, body, spec.input_size, spec.mean, spec.std, protocol=protocol, node=spec.node)

@@ -24,14 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brainit_pl.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, seeded
 from brainit_pl.backbones.weights import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    FrozenBackbone,
     load_checked,
     read_state_dict,
     resolve_weights,
-    seeded,
 )
 
 log = logging.getLogger(__name__)

@@ -1,27 +1,28 @@
-"""Pretrained weights: where the files live, reading them, and keeping the networks frozen.
+"""Pretrained weight files: where they live, reading them, and loading them strictly into a network.
 
 Every pretrained network brainit-pl uses comes from a local file; nothing is downloaded at run time.
 A file is found from an explicit path, or by its fixed name under the weights folder: the ``weights_dir``
 argument, else the environment variable ``BRAINIT_WEIGHTS``, else ``~/.cache/brainit-pl/weights``.
-:data:`WEIGHT_FILES` lists each file with its source and size (``data/README.md`` lists the same).
+:data:`WEIGHT_FILES` lists each file with its source and size (``data/README.md`` lists the same): the
+training backbones' and the metric networks' alike, all found, read (:func:`read_state_dict`) and checked
+(:func:`load_checked`) by the same code.
 
-A network is wrapped in a :class:`FrozenBackbone`: eval mode, no gradients to its weights, and held outside
-the module tree so that it never lands in a checkpoint or an optimizer, while ``.to(device)`` and dtype
-casts still reach it. Architectures are built on the ``meta`` device and filled from the file with
-``assign=True``, so a 2.5B-parameter CLIP costs no random initialisation and no second copy in memory.
+Architectures are built on the ``meta`` device and filled from the file with ``assign=True``
+(:func:`load_checked`), so a 2.5B-parameter CLIP costs no random initialisation and no second copy in
+memory. The loaded network is then wrapped in a :class:`~brainit_pl.backbones.frozen.FrozenBackbone`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+import warnings
+import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainit_pl.errors import BrainITError, require
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_ENV = "BRAINIT_WEIGHTS"
 DEFAULT_WEIGHTS_DIR = Path("~/.cache/brainit-pl/weights")
-
-# torchvision's ImageNet statistics (the VGG16-BN and DINOv2 training normalisation).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
@@ -53,6 +50,7 @@ class WeightFile:
     what: str
 
 
+_TORCHVISION = "https://download.pytorch.org/models/"
 WEIGHT_FILES: dict[str, WeightFile] = {
     "clip-vit-bigg-14": WeightFile(
         path="CLIP-ViT-bigG-14-laion2B-39B-b160k/open_clip_pytorch_model.bin",
@@ -72,14 +70,43 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         size="1.22 GB",
         what="DINOv2 ViT-L/14 with 4 registers (timm vit_large_patch14_reg4_dinov2.lvd142m)",
     ),
+    # The metric networks' files (brainit_pl.backbones.metric_nets), under their download names.
+    "alexnet": WeightFile(
+        path="alexnet-owt-7be5be79.pth",
+        url=_TORCHVISION + "alexnet-owt-7be5be79.pth",
+        size="233 MB",
+        what="torchvision AlexNet ImageNet weights (AlexNet_Weights.IMAGENET1K_V1)",
+    ),
+    "inception-v3": WeightFile(
+        path="inception_v3_google-0cc3c7bd.pth",
+        url=_TORCHVISION + "inception_v3_google-0cc3c7bd.pth",
+        size="104 MB",
+        what="torchvision Inception v3 ImageNet weights (Inception_V3_Weights.IMAGENET1K_V1)",
+    ),
+    "efficientnet-b1": WeightFile(
+        path="efficientnet_b1-c27df63c.pth",
+        url=_TORCHVISION + "efficientnet_b1-c27df63c.pth",
+        size="30 MB",
+        what="torchvision EfficientNet-B1 ImageNet weights (EfficientNet_B1_Weights.IMAGENET1K_V2)",
+    ),
+    "swav-rn50": WeightFile(
+        path="swav_800ep_pretrain.pth.tar",
+        url="https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",
+        size="~110 MB",
+        what="SwAV ResNet-50 800-epoch checkpoint (facebookresearch/swav)",
+    ),
+    "openai-clip-vit-l-14": WeightFile(
+        path="ViT-L-14.pt",
+        url="https://openaipublic.azureedge.net/clip/models/"
+        "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+        size="890 MB",
+        what="OpenAI CLIP ViT-L/14 TorchScript archive",
+    ),
 }
 
 
 def weights_folder(weights_dir: str | os.PathLike | None = None) -> Path:
-    """The weights folder: ``weights_dir`` if given, else ``$BRAINIT_WEIGHTS``, else ``~/.cache/brainit-pl/weights``.
-
-    The same rule as :func:`brainit_pl.backbones.metric_nets.weights_folder`.
-    """
+    """The weights folder: ``weights_dir`` if given, else ``$BRAINIT_WEIGHTS``, else ``~/.cache/brainit-pl/weights``."""
     chosen = weights_dir or os.environ.get(WEIGHTS_ENV) or DEFAULT_WEIGHTS_DIR
     return Path(chosen).expanduser()
 
@@ -122,9 +149,12 @@ def read_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, Tens
     Reads ``.safetensors`` lazily (only the wanted tensors) and torch pickles memory-mapped, so pulling
     the vision tower out of a 10 GB CLIP checkpoint does not load its text tower. Unwraps a top-level
     ``state_dict``/``model`` entry and a DataParallel ``module.`` prefix, as the upstream loaders do.
+    A TorchScript archive (OpenAI's CLIP ``.pt`` files) is told from a pickle by its content and read
+    with ``torch.jit.load``; pickles are read with ``weights_only=True``, so no file can run Python code.
 
     Args:
-        path: a ``.safetensors`` file or a ``torch.save`` file (``.pth``, ``.bin``, ``.pt``).
+        path: a ``.safetensors`` file, a ``torch.save`` file (``.pth``, ``.bin``, ``.pt``, ``.pth.tar``)
+            or a TorchScript archive.
         prefix: keep only these keys, e.g. ``"visual."``.
 
     Raises:
@@ -154,11 +184,26 @@ def read_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, Tens
     return state
 
 
+def _is_torchscript(path: Path) -> bool:
+    """True for a TorchScript archive: a zip holding ``constants.pkl`` (a ``torch.save`` zip has none)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(entry.endswith("constants.pkl") for entry in archive.namelist())
+
+
 def _torch_load(path: Path) -> dict[str, Tensor]:
-    try:  # mmap needs the zip format (torch >= 1.6); older files are read whole
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+    if _is_torchscript(path):
+        with warnings.catch_warnings():  # torch.jit is deprecated, but OpenAI ships CLIP that way
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.load(str(path), map_location="cpu")
+        # detach: a scripted module's parameters require grad, and the file is only data here
+        obj = {k: v.detach() for k, v in scripted.state_dict().items()}
+    else:
+        try:  # mmap needs the zip format (torch >= 1.6); older files are read whole
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -170,23 +215,40 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
 
 
 def load_checked(
-    module: nn.Module, state: Mapping[str, Tensor], *, source: str | os.PathLike, arch: str
+    module: nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    source: str | os.PathLike,
+    arch: str,
+    may_miss: tuple[str, ...] = (),
 ) -> None:
     """Load ``state`` into ``module`` (built on any device, ``meta`` included) after checking every key.
+
+    The file's tensors replace the module's (``assign=True``: no copy), cast to the module's dtype as
+    ``load_state_dict`` would (OpenAI's CLIP file is float16; the module stays float32). A file's copy of
+    a non-persistent buffer (TorchScript files keep CLIP's causal mask) is ignored: the module rebuilds it.
 
     Args:
         module: the architecture.
         state: tensors by name, e.g. from :func:`read_state_dict`.
         source: the file, for messages.
         arch: the architecture's name, for messages.
+        may_miss: key prefixes the file may lack; those tensors keep the module's values (SwAV's file has
+            no classifier, ``fc.``). The module must then not be on the ``meta`` device.
 
     Raises:
         BrainITError: keys or shapes differ; the message lists a few expected and found keys.
     """
     expected = module.state_dict()
+    transient = {name for name, _ in module.named_buffers()} - set(expected)
+    state = {k: v for k, v in state.items() if k not in transient}
     # BatchNorm files saved before PyTorch 0.4.1 (torchvision's VGG16-BN among them) lack the batch
     # counter; BatchNorm's own loader fills it in, so its absence is not a mismatch.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    missing = [
+        k
+        for k in expected
+        if k not in state and not k.endswith("num_batches_tracked") and not k.startswith(may_miss)
+    ]
     unexpected = [k for k in state if k not in expected]
     reshaped = [
         f"{k}: expected {tuple(expected[k].shape)}, found {tuple(state[k].shape)}"
@@ -202,96 +264,8 @@ def load_checked(
         if reshaped:
             parts.append(f"{len(reshaped)} keys have other shapes, e.g. {reshaped[:2]}")
         raise BrainITError(f"{source} does not hold {arch} weights: {'; '.join(parts)}")
-    module.load_state_dict(dict(state), strict=False, assign=True)
+    state = {k: v if v.dtype == expected[k].dtype else v.to(expected[k].dtype) for k, v in state.items()}
+    module.load_state_dict(state, strict=False, assign=True)
     left = [name for name, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
     if left:  # a buffer that no file holds would stay unallocated: a bug in the builder, not user input
         raise RuntimeError(f"{arch}: tensors left on the meta device after loading {source}: {left[:3]}")
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run the block under ``torch.manual_seed(seed)`` and restore the global CPU RNG afterwards."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-class FrozenBackbone(nn.Module):
-    """A pretrained network, frozen and kept out of checkpoints, with its input preprocessing.
-
-    The network is stored outside ``_modules`` on purpose: a model that owns a backbone then has no
-    backbone keys in ``state_dict()`` and no backbone parameters in ``parameters()``, so it can never be
-    saved, loaded or optimised by accident. ``.to()``, ``.half()`` and friends still reach it (see
-    :meth:`_apply`). Gradients do flow to the *input* (the DIP optimises an image through VGG); wrap
-    calls in ``torch.no_grad()`` when only the features are wanted.
-
-    Args:
-        net: the network; set to eval mode with ``requires_grad=False``.
-        image_size: the input size the network expects; other sizes are resized in :meth:`preprocess`.
-        mean: per-channel normalisation mean.
-        std: per-channel normalisation std.
-        resize_mode: ``F.interpolate`` mode for the (anti-aliased) resize.
-    """
-
-    def __init__(
-        self,
-        net: nn.Module,
-        *,
-        image_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        resize_mode: str = "bilinear",
-    ) -> None:
-        super().__init__()
-        net.eval().requires_grad_(False)
-        object.__setattr__(self, "_net", net)  # bypass nn.Module registration (see the class docstring)
-        self.image_size = image_size
-        self.resize_mode = resize_mode
-        self.register_buffer(
-            "mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-
-    @property
-    def net(self) -> nn.Module:
-        """The frozen network (read-only access, e.g. to its blocks)."""
-        return self._net
-
-    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> FrozenBackbone:
-        self._net._apply(fn, recurse)
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True) -> FrozenBackbone:
-        """Switch this wrapper's mode; the frozen network itself stays in eval mode."""
-        super().train(mode)
-        self._net.eval()
-        return self
-
-    def preprocess(self, images: Tensor) -> Tensor:
-        """Resize images in [0, 1] (B, 3, H, W) to (B, 3, S, S) and normalise them with mean/std."""
-        return self.normalize(self.resize(self.check(images)))
-
-    def check(self, images: Tensor) -> Tensor:
-        """Validate a batch of images (B, 3, H, W) and return it as float32."""
-        require(
-            images.ndim == 4 and images.shape[1] == 3,
-            f"{type(self).__name__} expects images (B, 3, H, W) in [0, 1], got shape {tuple(images.shape)}",
-        )
-        return images.to(torch.float32)
-
-    def normalize(self, images: Tensor) -> Tensor:
-        """(x - mean) / std per channel, cast to the network's dtype."""
-        dtype = next(self._net.parameters()).dtype
-        return ((images - self.mean) / self.std).to(dtype)
-
-    def resize(self, images: Tensor) -> Tensor:
-        """Anti-aliased resize of (B, 3, H, W) to (B, 3, S, S); a no-op at the right size."""
-        if images.shape[-2:] == (self.image_size, self.image_size):
-            return images
-        return F.interpolate(
-            images, size=(self.image_size, self.image_size), mode=self.resize_mode, antialias=True
-        )
-
-    def extra_repr(self) -> str:
-        n = sum(p.numel() for p in self._net.parameters())
-        return f"net={type(self._net).__name__} ({n:,} frozen parameters), image_size={self.image_size}"

@@ -50,14 +50,15 @@ def build_feature_nets(
     Returns:
         name → :class:`~brainit_pl.backbones.metric_nets.MetricNet`.
     """
-    from brainit_pl.backbones.metric_nets import build_metric_net, resolve_weights
+    from brainit_pl.backbones.metric_nets import METRIC_NETS, build_metric_net
+    from brainit_pl.backbones.weights import resolve_weights
 
     if nets not in NET_KINDS:
         raise BrainITError(f"unknown network kind {nets!r}; expected one of {', '.join(NET_KINDS)}")
     names = (*TWO_WAY_NETS, *DISTANCE_NETS)
     if nets == "real":
         for name in names:  # report a missing file before spending time building the others
-            resolve_weights(name, weights_dir)
+            resolve_weights(METRIC_NETS[name].weights_key, weights_dir=weights_dir)
     return {
         name: build_metric_net(
             name,
