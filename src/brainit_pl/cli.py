@@ -35,6 +35,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.data.prepare",
         "read a raw NSD root (or MindEye2's release) into brainit-pl's streaming store",
     ),
+    "extract-features": (
+        "brainit_pl.features.extract",
+        "write the CLIP patch-token cache of a store's images (batched, resumable)",
+    ),
     "cluster": (
         "brainit_pl.models.cluster_job",
         "V2C: cluster voxel embeddings (or coordinates) into functional clusters shared by all subjects",
@@ -64,9 +68,9 @@ def _top_help() -> str:
         "",
         "training and evaluation (LightningCLI; `brainit-pl fit --help` lists every option):",
     ]
-    lines += [f"  {name:<12}{text}" for name, text in LIGHTNING_COMMANDS.items()]
+    lines += [f"  {name:<18}{text}" for name, text in LIGHTNING_COMMANDS.items()]
     lines += ["", "project jobs (`brainit-pl <job> --help`):"]
-    lines += [f"  {name:<12}{text}" for name, (_, text) in PROJECT_COMMANDS.items()]
+    lines += [f"  {name:<18}{text}" for name, (_, text) in PROJECT_COMMANDS.items()]
     lines += [
         "",
         "typical use:",

@@ -19,6 +19,7 @@ from brainit_pl.data.datasets import BatchDataset, BatchPlan
 from brainit_pl.data.splits import SPLITS, SampleTable, SubjectSplit, make_samples, split_subject
 from brainit_pl.data.store import IMAGE_SIZES, Store
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.features.cache import BACKBONES, FeatureCache, cache_path
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ class NSDDataModule(L.LightningDataModule):
     Each batch is a dict (B samples, k voxels or V_s = all voxels of the batch's subject):
     ``betas`` (B, k) float32, ``voxel_ids`` (B, k) int64 global voxel ids (``voxel_offsets[subject]`` +
     local index), ``subject``, ``nsd_id`` (0-based 73k id), ``n_repeats``: (B,) int64, and
-    ``image_224`` / ``image_112`` (B, 3, S, S) float32 in [0, 1] for the sizes in ``image_sizes``.
+    ``image_224`` / ``image_112`` (B, 3, S, S) float32 in [0, 1] for the sizes in ``image_sizes``, and
+    ``<name>_tokens`` (B, T, D) float32 for each feature cache in ``features`` (``clip_tokens``: 256 × 1664).
 
     Randomness (shuffles, val draw, voxel draws) depends only on ``seed``, the epoch and the batch's
     global number: the same with any number of workers. Under DDP each rank reads a disjoint shard of the
@@ -70,6 +72,8 @@ class NSDDataModule(L.LightningDataModule):
         test_average_repeats: the same for the test split.
         val_fraction: fraction of the non-shared images held out for validation, in [0, 1).
         image_sizes: stimulus sizes to include (subset of 224 and 112).
+        features: precomputed image features to include, from the store's feature caches
+            (``"clip"``: ``STORE/features_clip.h5``, written by ``brainit-pl extract-features``).
         batch_size: training batch size.
         eval_batch_size: val/test batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes (each re-opens the HDF5 files).
@@ -81,6 +85,7 @@ class NSDDataModule(L.LightningDataModule):
         n_voxels: subject → voxel count V_s (known right after ``__init__``, for linking into models).
         voxel_offsets: subject → first global voxel id (cumulative over ``subjects`` in sorted order).
         total_voxels: the sum of ``n_voxels``.
+        feature_shapes: feature name → (T, D) of each image's tokens (e.g. ``{"clip": (256, 1664)}``).
     """
 
     def __init__(
@@ -94,6 +99,7 @@ class NSDDataModule(L.LightningDataModule):
         test_average_repeats: bool = True,
         val_fraction: float = 0.05,
         image_sizes: list[int] = [],  # noqa: B006 - never mutated (copied); a list keeps the CLI schema plain
+        features: list[str] = [],  # noqa: B006 - never mutated (copied), as image_sizes
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
@@ -128,8 +134,18 @@ class NSDDataModule(L.LightningDataModule):
             voxels_per_sample is None or voxels_per_sample >= 1,
             f"voxels_per_sample must be >= 1, got {voxels_per_sample}",
         )
-        if image_sizes:
+        bad_features = [f for f in features if f not in BACKBONES]
+        require(not bad_features, f"features {bad_features} unknown; choose from {list(BACKBONES)}")
+        if image_sizes or features:
             self.store.images  # noqa: B018 - fail now (one line) if the store has no image file
+        # Opened (and checked against the image store) now, so a missing or stale cache fails before fit.
+        self.features: dict[str, FeatureCache] = {
+            name: FeatureCache(cache_path(self.store.root, name), self.store.images)
+            for name in dict.fromkeys(features)
+        }
+        self.feature_shapes: dict[str, tuple[int, int]] = {
+            name: (cache.n_tokens, cache.width) for name, cache in self.features.items()
+        }
 
         self.subjects: list[int] = chosen
         # Opening a subject reads only its small tables (trials, voxel coordinates), not the betas.
@@ -251,6 +267,7 @@ class NSDDataModule(L.LightningDataModule):
             voxels_per_sample=k,
             replacement=self.voxel_replacement,
             image_sizes=self.image_sizes,
+            features=self.features,
         )
         return DataLoader(
             dataset,

@@ -17,8 +17,9 @@ alone instead of wrapping it in another one under DDP; Lightning also calls its 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,6 +28,9 @@ from torch.utils.data import Dataset, DistributedSampler
 from brainit_pl.data.splits import SampleTable
 from brainit_pl.data.store import Store
 from brainit_pl.errors import require
+
+if TYPE_CHECKING:
+    from brainit_pl.features.cache import FeatureCache
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,8 @@ class BatchDataset(Dataset):
     * ``betas`` (B, k) float32: each sample's betas averaged over its trials, at the drawn voxels;
     * ``voxel_ids`` (B, k) int64: *global* voxel ids (``voxel_offsets[subject] + local index``);
     * ``subject``, ``nsd_id`` (0-based 73k id), ``n_repeats`` (trials averaged): (B,) int64;
-    * ``image_<S>`` (B, 3, S, S) float32 in [0, 1] for each S in ``image_sizes``.
+    * ``image_<S>`` (B, 3, S, S) float32 in [0, 1] for each S in ``image_sizes``;
+    * ``<name>_tokens`` (B, T, D) float32 for each feature cache in ``features`` (e.g. ``clip_tokens``).
 
     Args:
         store: the opened store (its HDF5 files are re-opened lazily in each worker process).
@@ -149,6 +154,7 @@ class BatchDataset(Dataset):
             hold a single subject: use a bucketed :class:`BatchPlan`).
         replacement: draw the k voxels with replacement (uniformly), or as k distinct voxels.
         image_sizes: image sizes to add to each batch (subset of the store's 224 and 112).
+        features: name → feature cache whose tokens to add to each batch (read by row, like the images).
     """
 
     def __init__(
@@ -160,6 +166,7 @@ class BatchDataset(Dataset):
         voxels_per_sample: int | None = None,
         replacement: bool = True,
         image_sizes: tuple[int, ...] = (),
+        features: Mapping[str, FeatureCache] | None = None,
     ) -> None:
         self.store = store
         self.samples = samples
@@ -167,6 +174,7 @@ class BatchDataset(Dataset):
         self.voxels_per_sample = voxels_per_sample
         self.replacement = replacement
         self.image_sizes = tuple(image_sizes)
+        self.features = dict(features or {})
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -201,6 +209,9 @@ class BatchDataset(Dataset):
         for size in self.image_sizes:
             images = self.store.images.images(self.samples.nsd_id[idx], size=size)  # (B, 3, S, S) uint8
             batch[f"image_{size}"] = torch.from_numpy(images).float().div_(255.0)
+        for name, cache in self.features.items():
+            tokens = cache.tokens(self.samples.nsd_id[idx])  # (B, T, D) float16, one chunk read per image
+            batch[f"{name}_tokens"] = torch.from_numpy(tokens).float()
         return batch
 
     def _mean_betas(self, subject: int, idx: np.ndarray) -> torch.Tensor:
