@@ -1,0 +1,262 @@
+"""Training the Universal Brain Encoder (BRAINIT.md §2): the LightningModule and its voxel metrics.
+
+Training: every sample is one image with k randomly drawn voxels of its subject (the DataModule's
+``voxels_per_sample``; subjects mix within a batch, all subjects train jointly); each image is shifted by a
+random ±3 px (reflection pad + crop, :func:`~brainit_pl.models.encoder.random_shift`); loss MSE − 0.1·cos.
+
+Validation: for every voxel, the Pearson correlation r_v between predicted and measured (repeat-averaged)
+betas over the split's images of its subject. ``val/voxel_corr_median`` and ``val/voxel_corr_p75`` are taken
+over all voxels of all subjects (the p75 drives ReduceLROnPlateau). When the store holds the per-voxel
+noise-ceiling SNR (``ncsnr``: real NSD, and the simulator's truth), also ``val/noise_ceiling_fraction`` =
+median over voxels of r_v² / NC_v with NC_v = ncsnr² / (ncsnr² + mean_i 1/n_i) — the explainable fraction of
+the variance of a response averaged over n_i repeats (NSD's noise-ceiling formula, with the mean over the
+split's images of 1/n_i for images with unequal repeats); voxels with NC_v < 1e-3 are left out.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from brainit_pl.models.encoder import UniversalEncoder, encoder_loss, random_shift
+
+log = logging.getLogger(__name__)
+
+MIN_NOISE_CEILING = 1e-3  # NC below this: no signal to explain, r²/NC would only amplify noise
+
+
+class VoxelCorrelation(Metric):
+    """Per-voxel Pearson r between predictions and targets, accumulated over batches (and devices).
+
+    Keeps per-voxel sums (x, y, x², y², xy, count, Σ 1/n_repeats) over the global voxel table, so batches
+    may hold any subjects and voxels, and the states sum across DDP ranks.
+
+    Args:
+        n_voxels: size of the global voxel table.
+    """
+
+    full_state_update = False
+
+    def __init__(self, n_voxels: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_voxels = n_voxels
+        for name in ("sx", "sy", "sxx", "syy", "sxy", "count", "inv_repeats"):
+            self.add_state(name, torch.zeros(n_voxels, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(
+        self, pred: Tensor, target: Tensor, voxel_ids: Tensor, n_repeats: Tensor | None = None
+    ) -> None:
+        """Add a batch.
+
+        Args:
+            pred: (B, V) predictions.
+            target: (B, V) measured values.
+            voxel_ids: (B, V) or (V,) global voxel ids (each voxel at most once per sample).
+            n_repeats: (B,) trials averaged into each target (default 1).
+        """
+        x, y = pred.detach().double(), target.detach().double()
+        ids = voxel_ids.expand_as(x).reshape(-1)
+        inv = torch.ones(len(x), dtype=torch.float64, device=x.device)
+        if n_repeats is not None:
+            inv = 1.0 / n_repeats.to(x.device, torch.float64)
+        for state, value in (
+            (self.sx, x),
+            (self.sy, y),
+            (self.sxx, x * x),
+            (self.syy, y * y),
+            (self.sxy, x * y),
+            (self.count, torch.ones_like(x)),
+            (self.inv_repeats, inv[:, None].expand_as(x)),
+        ):
+            state.index_add_(0, ids, value.reshape(-1))
+
+    def compute(self) -> Tensor:
+        """(V_total,) float64 per-voxel r; NaN where a voxel was seen < 2 times, 0 where either side is constant."""
+        n = self.count
+        cov = self.sxy - self.sx * self.sy / n.clamp_min(1)
+        var_x = (self.sxx - self.sx**2 / n.clamp_min(1)).clamp_min(0)
+        var_y = (self.syy - self.sy**2 / n.clamp_min(1)).clamp_min(0)
+        r = cov / (var_x * var_y).sqrt()
+        r = torch.where((var_x > 0) & (var_y > 0), r, torch.zeros_like(r)).clamp(-1, 1)
+        return torch.where(n >= 2, r, torch.full_like(r, float("nan")))
+
+    def noise_ceiling(self, ncsnr: Tensor) -> Tensor:
+        """(V_total,) NC_v = ncsnr² / (ncsnr² + mean 1/n_repeats), the largest r² a perfect model reaches."""
+        snr2 = ncsnr.to(self.count.device, torch.float64) ** 2
+        return snr2 / (snr2 + self.inv_repeats / self.count.clamp_min(1))
+
+
+def summarize(r: Tensor, noise_ceiling: Tensor | None = None) -> dict[str, float]:
+    """Median and 75th percentile of the voxels' r (and the median r²/NC); NaN voxels are skipped."""
+    seen = ~torch.isnan(r)
+    out = {"voxel_corr_median": float("nan"), "voxel_corr_p75": float("nan")}
+    if seen.any():
+        out["voxel_corr_median"] = float(torch.quantile(r[seen], 0.5))
+        out["voxel_corr_p75"] = float(torch.quantile(r[seen], 0.75))
+    if noise_ceiling is not None:
+        ok = seen & (noise_ceiling >= MIN_NOISE_CEILING)
+        frac = r[ok] ** 2 / noise_ceiling[ok]
+        out["noise_ceiling_fraction"] = float(frac.median()) if ok.any() else float("nan")
+    return out
+
+
+class EncoderModule(L.LightningModule):
+    """The Universal Brain Encoder, trained on all subjects jointly.
+
+    Args:
+        n_voxels: subject → voxel count (linked from the DataModule; sets the voxel table size).
+        backbone: DINOv2 architecture name.
+        tiny: use the tiny random DINOv2 twin.
+        weights: DINOv2 weight file (``None``: the weights folder, or random for the twin).
+        weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS``).
+        layers: tapped DINOv2 blocks, 1-based (``None``: [1, 6, 12, 18, 24], or all 5 of the twin).
+        token_dim: projected token width C.
+        embed_dim: voxel embedding width E.
+        adapter_rank: rank of the per-block adapters (0: none).
+        adapter_scale: output scale of the adapters.
+        dropout: dropout of the readout.
+        voxel_chunk: voxels read out at once (bounds val/predict memory).
+        lr: Adam learning rate.
+        cos_weight: weight of the cosine term of the loss.
+        max_shift: largest random image shift in pixels during training (0: none).
+        lr_factor: ReduceLROnPlateau factor.
+        lr_patience: ReduceLROnPlateau patience in epochs.
+    """
+
+    def __init__(
+        self,
+        n_voxels: dict[int, int],
+        backbone: str = "dinov2_vitl14_reg",
+        tiny: bool = False,
+        weights: str | None = None,
+        weights_dir: str | None = None,
+        layers: list[int] | None = None,
+        token_dim: int = 128,
+        embed_dim: int = 256,
+        adapter_rank: int = 7,
+        adapter_scale: float = 0.01,
+        dropout: float = 0.25,
+        voxel_chunk: int | None = 4096,
+        lr: float = 1e-3,
+        cos_weight: float = 0.1,
+        max_shift: int = 3,
+        lr_factor: float = 0.5,
+        lr_patience: int = 2,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder = UniversalEncoder(
+            n_voxels,
+            backbone=backbone,
+            tiny=tiny,
+            weights=weights,
+            layers=layers,
+            token_dim=token_dim,
+            embed_dim=embed_dim,
+            adapter_rank=adapter_rank,
+            adapter_scale=adapter_scale,
+            dropout=dropout,
+            voxel_chunk=voxel_chunk,
+            weights_dir=weights_dir,
+        )
+        total = self.encoder.total_voxels
+        self.metrics = torch.nn.ModuleDict({s: VoxelCorrelation(total) for s in ("val", "test")})
+        self.ncsnr: Tensor | None = None  # (V_total,) from the store, when it has one for every subject
+
+    def forward(self, images: Tensor, voxel_ids: Tensor) -> Tensor:
+        """(B, 3, 224, 224) images in [0, 1], (B, V) or (V,) global voxel ids → (B, V) predicted betas."""
+        return self.encoder(images, voxel_ids)
+
+    # ------------------------------------------------------------------------------------------ hooks
+    def setup(self, stage: str) -> None:
+        """Read the per-voxel ncsnr of every subject from the DataModule's store, when all have one."""
+        store = getattr(getattr(self.trainer, "datamodule", None), "store", None) if self._trainer else None
+        if store is None:
+            return
+        parts = [store.subject(s).ncsnr for s in self.encoder.n_voxels]
+        if all(p is not None for p in parts):
+            self.ncsnr = torch.from_numpy(np.concatenate(parts).astype(np.float64))
+        else:
+            log.info("the store has no ncsnr for every subject: no noise-ceiling fraction is logged")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        images = random_shift(batch["image_224"], self.hparams.max_shift)
+        pred = self(images, batch["voxel_ids"])  # (B, k)
+        loss, mse, cos = encoder_loss(pred, batch["betas"], self.hparams.cos_weight)
+        bs = len(pred)
+        self.log("train/loss", loss, batch_size=bs, prog_bar=True)
+        self.log_dict({"train/mse": mse, "train/cos": cos}, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> Tensor:
+        # Eval batches are per-subject buckets with all voxels: the ids are the same row for every sample.
+        pred = self(batch["image_224"], batch["voxel_ids"][0])  # (B, V_s), chunked over voxels
+        loss, _, _ = encoder_loss(pred, batch["betas"], self.hparams.cos_weight)
+        self.log(f"{stage}/loss", loss, batch_size=len(pred), sync_dist=True)
+        self.metrics[stage].update(pred, batch["betas"], batch["voxel_ids"][0], batch["n_repeats"])
+        return pred
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _log_epoch(self, stage: str) -> None:
+        metric = self.metrics[stage]
+        r = metric.compute()  # syncs the sums across ranks: every rank logs the same numbers
+        nc = metric.noise_ceiling(self.ncsnr) if self.ncsnr is not None else None
+        summary = summarize(r.cpu(), None if nc is None else nc.cpu())
+        self.log_dict({f"{stage}/{k}": v for k, v in summary.items()}, prog_bar=stage == "val")
+        metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Predicted betas of all voxels of the batch's subject: ``betas`` (B, V_s), ``nsd_id``, ``subject``."""
+        return {
+            "nsd_id": batch["nsd_id"],
+            "subject": batch["subject"],
+            "betas": self(batch["image_224"], batch["voxel_ids"][0]),
+        }
+
+    @torch.no_grad()
+    def predict_voxels(self, images: Tensor, subject: int) -> Tensor:
+        """Synthetic fMRI: every voxel of ``subject`` for a batch of images, in eval mode.
+
+        Args:
+            images: (B, 3, 224, 224) in [0, 1].
+            subject: a subject of ``n_voxels``.
+
+        Returns:
+            (B, V_s) predicted betas in the store's voxel order, computed ``voxel_chunk`` voxels at a time.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            ids = self.encoder.subject_voxel_ids(subject, device=images.device)
+            return self.encoder.read(self.encoder.tokens(images), ids)
+        finally:
+            self.train(was_training)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        # Only the adapters, projections and readout are parameters: the frozen DINOv2 is not registered.
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, amsgrad=True)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
+        )
+        # strict=False: a run without a val split (val_fraction 0) trains at a constant learning rate.
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/voxel_corr_p75", "strict": False},
+        }

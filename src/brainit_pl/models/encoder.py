@@ -1,0 +1,212 @@
+"""The Universal Brain Encoder: image → the fMRI response of every voxel of every subject (BRAINIT.md §2).
+
+A frozen DINOv2 ViT-L/14-reg (:func:`~brainit_pl.backbones.dinov2.build_dinov2`) gives the tokens of the
+tapped blocks [1, 6, 12, 18, 24] (registers dropped: 257 tokens). Small trainable low-rank adapters run
+beside each block (``block(x) + adapter(x)``), so the backbone can adapt without its 300M weights
+training. Each tapped layer's tokens go through LayerNorm + Linear(1024 → 128); the per-voxel readout
+(:class:`~brainit_pl.models.encoder_head.VoxelReadout`) lets every voxel attend to every layer with its own
+256-d embedding e_v and reads the pooled vectors out with W_v = e_v · F.
+
+One network serves all subjects: the only subject-specific part is the voxel embedding table, indexed by
+*global* voxel ids (subjects stacked in sorted order, as the NSDDataModule numbers them). The table is the
+attribute ``voxel_embed`` (an ``nn.Embedding`` sharing its weight with the readout), so a Lightning
+checkpoint holds it as ``encoder.voxel_embed.weight``; the V2C clustering reads it from there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from brainit_pl.backbones.dinov2 import DINOv2Tokens, build_dinov2
+from brainit_pl.errors import require
+from brainit_pl.models.encoder_head import VoxelReadout
+
+
+class LowRankAdapter(nn.Module):
+    """A residual branch beside one frozen block: x → scale · up(GELU(down(x))).
+
+    (choice) The paper gives rank 7, scale 0.01 and a zero-initialised up-projection; the GELU between the
+    projections follows AdaptFormer-style parallel adapters. Zero init makes the adapted backbone equal to
+    the frozen one at the start of training.
+
+    Args:
+        dim: the block's width D.
+        rank: bottleneck width r.
+        scale: multiplier of the branch's output.
+    """
+
+    def __init__(self, dim: int, rank: int = 7, scale: float = 0.01) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank)
+        self.up = nn.Linear(rank, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) block input → (B, N, D) residual added to the block's output."""
+        return self.scale * self.up(F.gelu(self.down(x)))
+
+
+class UniversalEncoder(nn.Module):
+    """Frozen DINOv2 + adapters + per-layer projections + per-voxel readout: images → voxel responses.
+
+    Args:
+        n_voxels: subject → voxel count V_s; global voxel ids number the subjects in sorted order.
+        backbone: DINOv2 architecture name (see :data:`~brainit_pl.backbones.dinov2.ARCHS`).
+        tiny: use the tiny random DINOv2 twin (tests, CPU demos).
+        weights: DINOv2 weight file; ``None`` = the weights folder (real) or seeded random (tiny).
+        layers: tapped blocks, 1-based; ``None`` = the architecture's default.
+        token_dim: width C of the projected tokens (128).
+        embed_dim: voxel embedding width E (256).
+        adapter_rank: rank of the per-block adapters (0 = no adapters).
+        adapter_scale: output scale of the adapters.
+        dropout: dropout on each layer's pooled vector.
+        voxel_chunk: largest number of voxels read out at once; the readout costs B·V·T floats per layer,
+            so long voxel lists are read out chunk by chunk (same result, bounded memory).
+        weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS``).
+    """
+
+    def __init__(
+        self,
+        n_voxels: dict[int, int],
+        backbone: str = "dinov2_vitl14_reg",
+        tiny: bool = False,
+        weights: str | None = None,
+        layers: Sequence[int] | None = None,
+        token_dim: int = 128,
+        embed_dim: int = 256,
+        adapter_rank: int = 7,
+        adapter_scale: float = 0.01,
+        dropout: float = 0.25,
+        voxel_chunk: int | None = 4096,
+        weights_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        require(bool(n_voxels), "UniversalEncoder needs the voxel count of at least one subject (n_voxels)")
+        require(voxel_chunk is None or voxel_chunk >= 1, f"voxel_chunk must be >= 1, got {voxel_chunk}")
+        self.n_voxels = {int(s): int(v) for s, v in sorted(n_voxels.items())}
+        starts = torch.tensor([0, *self.n_voxels.values()]).cumsum(0).tolist()
+        self.voxel_offsets = dict(zip(self.n_voxels, starts))
+        self.total_voxels = starts[-1]
+        self.voxel_chunk = voxel_chunk
+
+        self.backbone: DINOv2Tokens = build_dinov2(
+            backbone, weights, tiny=tiny, layers=layers, weights_dir=weights_dir
+        )
+        width, n_layers = self.backbone.width, len(self.backbone.layers)
+        # Adapters on every block up to the last tap: later blocks do not reach any tapped output.
+        self.adapters = (
+            nn.ModuleList(
+                LowRankAdapter(width, adapter_rank, adapter_scale) for _ in range(self.backbone.layers[-1])
+            )
+            if adapter_rank > 0
+            else None
+        )
+        self.project = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(width), nn.Linear(width, token_dim)) for _ in range(n_layers)
+        )
+        self.readout = VoxelReadout(
+            self.total_voxels,
+            n_layers=n_layers,
+            n_tokens=self.backbone.n_tokens,
+            token_dim=token_dim,
+            embed_dim=embed_dim,
+            dropout=dropout,
+        )
+        # The table under its public name, sharing the readout's Parameter (built on meta: no copy).
+        self.voxel_embed = nn.Embedding(self.total_voxels, embed_dim, device="meta")
+        self.voxel_embed.weight = self.readout.voxel_embed
+
+    def tokens(self, images: Tensor) -> Tensor:
+        """Adapted backbone tokens, normalised and projected.
+
+        Args:
+            images: (B, 3, H, W) in [0, 1] (resized to 224² by the backbone if needed).
+
+        Returns:
+            (B, L, T, C) tokens of the L tapped layers.
+        """
+        raw = self.backbone(images, adapters=self.adapters)  # (B, L, T, D)
+        return torch.stack([proj(raw[:, i]) for i, proj in enumerate(self.project)], dim=1)  # (B, L, T, C)
+
+    def read(self, tokens: Tensor, voxel_ids: Tensor) -> Tensor:
+        """Read voxels out of projected tokens, ``voxel_chunk`` voxels at a time.
+
+        Args:
+            tokens: (B, L, T, C) from :meth:`tokens`.
+            voxel_ids: (B, V) global voxel ids per sample, or (V,) shared by the batch.
+
+        Returns:
+            (B, V) predicted responses.
+        """
+        n = voxel_ids.shape[-1]
+        chunk = self.voxel_chunk or n
+        if n <= chunk:
+            return self.readout(tokens, voxel_ids)
+        return torch.cat([self.readout(tokens, ids) for ids in voxel_ids.split(chunk, dim=-1)], dim=-1)
+
+    def forward(self, images: Tensor, voxel_ids: Tensor) -> Tensor:
+        """Predicted responses of the chosen voxels.
+
+        Args:
+            images: (B, 3, 224, 224) in [0, 1].
+            voxel_ids: (B, V) global voxel ids per sample (subjects may mix), or (V,) shared by the batch.
+
+        Returns:
+            (B, V) predicted (z-scored) betas.
+        """
+        return self.read(self.tokens(images), voxel_ids)
+
+    def subject_voxel_ids(self, subject: int, device: torch.device | None = None) -> Tensor:
+        """(V_s,) the global voxel ids of all voxels of ``subject``, in store order."""
+        require(
+            subject in self.n_voxels,
+            f"subject {subject} is not in this encoder (it has {list(self.n_voxels)})",
+        )
+        start = self.voxel_offsets[subject]
+        return torch.arange(start, start + self.n_voxels[subject], device=device)
+
+
+def random_shift(images: Tensor, max_shift: int = 3, generator: torch.Generator | None = None) -> Tensor:
+    """Shift each image by its own random integer offset in [-max_shift, max_shift] on both axes.
+
+    Done as reflection padding by ``max_shift`` followed by a random crop back to the input size, so the
+    border shows mirrored content instead of black bars (which the backbone would see as an edge).
+
+    Args:
+        images: (B, C, H, W).
+        max_shift: largest shift in pixels.
+        generator: random generator of the offsets (default: torch's global one).
+
+    Returns:
+        (B, C, H, W) shifted images.
+    """
+    if max_shift <= 0:
+        return images
+    b, _, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="reflect")  # (B, C, H + 2s, W + 2s)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator).tolist()
+    # A per-image slice: B small copies are cheaper and clearer than a gather over a sampling grid.
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+def encoder_loss(pred: Tensor, target: Tensor, cos_weight: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """The encoder's loss: MSE − ``cos_weight`` · cosine, the cosine taken across each image's voxels.
+
+    Args:
+        pred: (B, V) predicted betas.
+        target: (B, V) measured betas.
+        cos_weight: weight of the cosine term (0.1).
+
+    Returns:
+        (loss, mse, cos): scalars; ``cos`` is the mean over images of cos(pred_b, target_b).
+    """
+    pred, target = pred.float(), target.float()
+    mse = F.mse_loss(pred, target)
+    cos = F.cosine_similarity(pred, target, dim=-1).mean()
+    return mse - cos_weight * cos, mse, cos
