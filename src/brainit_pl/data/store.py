@@ -299,6 +299,10 @@ class SubjectStore:
                 self.xyz = h5["voxels/xyz"][()]
                 self.ijk = h5["voxels/ijk"][()]
                 self.ncsnr = h5["ncsnr"][()] if "ncsnr" in h5 else None
+                # Volume geometry (volumetric stores only; None for fsaverage / MindEye2 stores).
+                self.affine = h5["voxels/affine"][()] if "voxels/affine" in h5 else None
+                shape = h5["voxels/volume_shape"][()] if "voxels/volume_shape" in h5 else None
+                self.volume_shape = None if shape is None else tuple(int(n) for n in shape)
         except (OSError, KeyError) as err:
             raise BrainITError(f"{self.path} is not a readable brainit-pl store file ({err})") from err
         self._h5 = _LazyH5(self.path)
