@@ -1,0 +1,304 @@
+"""BIT, the Brain Interaction Transformer (BRAINIT.md §4): fMRI voxels → brain tokens → image features.
+
+1. Voxel tokens: t_v = x_v · e_v, a learned embedding per global voxel scaled by its activation.
+2. Brain Tokenizer: one token per functional cluster k, pooled from the voxels of k by single-head graph
+   attention with a root (skip) weight; ReLU; LayerNorm.
+3. Cross-Transformer: self-attention blocks among the K brain tokens, interleaved with cross blocks in
+   which learned output queries read the brain tokens; a linear head gives the image features.
+
+Parameter names follow the Brain-IT reference (``voxel_embed``, ``centers``, ``pred_tokens``,
+``conv_centers.lin_*``, ``norm_centers``, ``blocks.i.*``, ``block_crosses.i.*``, ``proj``), so its weights
+load by name with ``strict=True``; ``tests/data/brainit_reference.npz`` (keys ``bit/...``) pins every
+convention. Only ``voxel_embed`` is subject-specific; everything else is shared by all subjects.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from torch import Tensor, nn
+
+from brainit_pl.errors import require
+
+
+@dataclass(frozen=True)
+class BITConfig:
+    """The BIT's sizes. The voxel count is not here: the data decides it (``cluster_of_voxel``).
+
+    Attributes:
+        dim: width D of voxel, brain and query tokens (512).
+        n_clusters: K brain tokens (128).
+        n_heads: attention heads of the self and cross blocks (8).
+        mlp_ratio: MLP hidden width as a multiple of D (4).
+        n_self: self-attention blocks (5); there is always one cross block more than self blocks.
+        n_out: output queries N_out (256 CLIP tokens, or 7,190 VGG tokens).
+        out_dim: width of each output token (1664 CLIP, 512 VGG).
+    """
+
+    dim: int = 512
+    n_clusters: int = 128
+    n_heads: int = 8
+    mlp_ratio: float = 4.0
+    n_self: int = 5
+    n_out: int = 256
+    out_dim: int = 1664
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "n_clusters", "n_heads", "n_out", "out_dim"):
+            require(
+                getattr(self, name) >= 1, f"BITConfig.{name} must be at least 1, got {getattr(self, name)}"
+            )
+        require(self.n_self >= 0, f"BITConfig.n_self must be >= 0, got {self.n_self}")
+        require(self.mlp_ratio > 0, f"BITConfig.mlp_ratio must be positive, got {self.mlp_ratio}")
+        require(
+            self.dim % self.n_heads == 0,
+            f"BITConfig.dim ({self.dim}) must be divisible by n_heads ({self.n_heads})",
+        )
+
+    @property
+    def n_cross(self) -> int:
+        """Cross blocks: one before the first self block, one after each."""
+        return self.n_self + 1
+
+
+BIT_SEMANTIC = BITConfig(n_out=256, out_dim=1664)  # 256 × 1664 OpenCLIP ViT-bigG/14 patch tokens
+BIT_LOWLEVEL = BITConfig(n_out=7190, out_dim=512)  # 7,190 × 512 VGG16-BN tokens (BRAINIT.md §5)
+BIT_TINY = BITConfig(dim=32, n_clusters=8, n_heads=4, n_self=2, n_out=10, out_dim=12)  # tests, CPU
+BIT_REFERENCE = BITConfig(dim=32, n_clusters=5, n_heads=4, n_self=2, n_out=6, out_dim=7)  # the npz's sizes
+PRESETS: dict[str, BITConfig] = {
+    "semantic": BIT_SEMANTIC,
+    "lowlevel": BIT_LOWLEVEL,
+    "tiny": BIT_TINY,
+    "reference": BIT_REFERENCE,
+}
+
+
+def first_occurrence(ids: Tensor) -> Tensor:
+    """Mask of the first occurrence of each id within each row, so duplicates count once.
+
+    A stable sort puts equal ids next to each other in their original order; an entry is kept when it
+    differs from its left neighbour in sorted order. Sampling with replacement repeats a voxel with the
+    same activation, so which copy is kept does not change the result.
+
+    Args:
+        ids: (B, V) integer ids.
+
+    Returns:
+        (B, V) bool, True at the first copy of every id of its row.
+    """
+    sorted_ids, order = torch.sort(ids, dim=1, stable=True)  # (B, V)
+    new = torch.ones_like(sorted_ids, dtype=torch.bool)  # (B, V)
+    new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    return torch.empty_like(new).scatter_(1, order, new)  # back to the input order
+
+
+class ClusterGraphAttention(nn.Module):
+    """Single-head graph attention on the bipartite graph voxel v → its cluster k(v), with a root weight.
+
+    B_k = W_skip c_k + Σ_{v ∈ k} softmax_v((W_q c_k)·(W_k t_v)/√D) W_v t_v — torch_geometric's
+    ``TransformerConv(heads=1, root_weight=True)`` as the authors use it, written as a segment softmax in
+    plain torch (``scatter_reduce``/``index_add_``) to avoid a torch_scatter/torch_geometric dependency
+    for one layer. A cluster with no voxel in a sample gets W_skip c_k.
+
+    Args:
+        dim: width D.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.lin_key, self.lin_query = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.lin_value, self.lin_skip = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, tokens: Tensor, clusters: Tensor, keep: Tensor, centers: Tensor) -> Tensor:
+        """Pool voxel tokens into one token per cluster.
+
+        Args:
+            tokens: (B, V, D) voxel tokens t_v.
+            clusters: (B, V) cluster k(v) of each voxel, in [0, K).
+            keep: (B, V) bool, False for voxels that must not count (duplicates).
+            centers: (K, D) cluster embeddings c_k.
+
+        Returns:
+            (B, K, D) brain tokens before the ReLU.
+        """
+        b, v, d = tokens.shape
+        k = centers.shape[0]
+        q = self.lin_query(centers)  # (K, D)
+        keys, values = self.lin_key(tokens), self.lin_value(tokens)  # (B, V, D) each
+        # The segment softmax and its sums run in float32: under bf16/fp16 autocast a cluster's sum over
+        # hundreds of voxels would lose precision.
+        logits = (q[clusters] * keys).sum(-1).float() / math.sqrt(d)  # (B, V)
+        logits = logits.masked_fill(~keep, float("-inf"))
+        segment = (clusters + k * torch.arange(b, device=clusters.device)[:, None]).flatten()  # (B·V,)
+        # Segment softmax: subtract each (sample, cluster)'s max for stability, as torch_geometric does;
+        # the softmax does not depend on that shift, so it is detached (no gradient through the max).
+        peak = logits.new_full((b * k,), float("-inf"))
+        peak = peak.scatter_reduce(0, segment, logits.flatten(), reduce="amax", include_self=True)  # (B·K,)
+        weight = torch.exp(logits.flatten() - peak[segment].detach())  # (B·V,), 0 at dropped voxels
+        total = weight.new_zeros(b * k).index_add_(0, segment, weight)  # (B·K,)
+        pooled = weight.new_zeros(b * k, d)
+        pooled = pooled.index_add_(0, segment, weight[:, None] * values.reshape(-1, d).float())  # (B·K, D)
+        # An empty cluster has total 0 and pooled 0: the clamp makes its sum 0 instead of NaN.
+        pooled = pooled / total.clamp_min(1e-16)[:, None]  # (B·K, D)
+        return pooled.view(b, k, d).to(values.dtype) + self.lin_skip(centers)  # (B, K, D)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention, qkv without bias, q|k|v stacked and heads split as (head, head_dim)."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x).view(b, t, 3, self.n_heads, d // self.n_heads)  # (B, T, 3, H, D/H)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, H, T, D/H)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H), softmax(q·kᵀ/√(D/H))·v
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, T, D)
+
+
+class CrossAttention(nn.Module):
+    """Queries read brain tokens: the queries enter unprojected; keys and values from one ``kv`` Linear."""
+
+    def __init__(self, dim: int, n_heads: int) -> None:
+        super().__init__()
+        self.n_heads = n_heads
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, queries: Tensor, context: Tensor) -> Tensor:
+        b, n, d = queries.shape
+        h, hd = self.n_heads, d // self.n_heads
+        q = queries.view(b, n, h, hd).transpose(1, 2)  # (B, H, N, D/H)
+        kv = self.kv(context).view(b, context.shape[1], 2, h, hd)  # (B, K, 2, H, D/H)
+        k, v = kv.permute(2, 0, 3, 1, 4)  # each (B, H, K, D/H)
+        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D/H)
+        return self.proj(y.transpose(1, 2).reshape(b, n, d))  # (B, N, D)
+
+
+class SelfBlock(nn.Module):
+    """Pre-LN ViT block on the brain tokens: x + attn(LN(x)), then x + mlp(LN(x)) (exact GELU)."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), SelfAttention(dim, n_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, K, D) → (B, K, D)."""
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Cross block: y = proj(MHA(Q, kv(LN(B)))); y = y + mlp(LN(y)). Returns y; the caller adds it to Q."""
+
+    def __init__(self, dim: int, n_heads: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), CrossAttention(dim, n_heads)
+        self.norm2, self.mlp = nn.LayerNorm(dim), Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, brain: Tensor, queries: Tensor) -> Tensor:
+        """Brain tokens (B, K, D) and queries (B, N, D) → the update y (B, N, D)."""
+        y = self.attn(queries, self.norm1(brain))
+        return y + self.mlp(self.norm2(y))
+
+
+class BIT(nn.Module):
+    """Brain Tokenizer + Cross-Transformer: voxel activations → (B, N_out, out_dim) image features.
+
+    Args:
+        config: the sizes (a preset such as :data:`BIT_SEMANTIC`).
+        cluster_of_voxel: (total_voxels,) V2C cluster of every global voxel (all subjects, global order as
+            in :class:`~brainit_pl.models.v2c.ClusterMap`). A non-persistent buffer: the assignment is data
+            (``clusters.npz``), given at construction like the voxel count, so checkpoints hold weights only.
+    """
+
+    def __init__(self, config: BITConfig, cluster_of_voxel: np.ndarray | Tensor) -> None:
+        super().__init__()
+        # Checked in numpy, so that building on the ``meta`` device (counting parameters) works too.
+        labels = np.asarray(
+            cluster_of_voxel.cpu() if isinstance(cluster_of_voxel, Tensor) else cluster_of_voxel
+        )
+        require(labels.ndim == 1 and len(labels) > 0, f"cluster_of_voxel must be (V,), got {labels.shape}")
+        require(
+            bool(((labels >= 0) & (labels < config.n_clusters)).all()),
+            f"cluster_of_voxel holds labels outside [0, {config.n_clusters}) (BITConfig.n_clusters)",
+        )
+        labels = torch.as_tensor(labels, dtype=torch.long)
+        self.config, d = config, config.dim
+        self.register_buffer("cluster_of_voxel", labels, persistent=False)
+        # BRAINIT.md §4: e_v ~ N(0, 1) · 0.1 / (2√D).
+        self.voxel_embed = nn.Parameter(torch.randn(len(labels), d) * (0.1 / (2 * math.sqrt(d))))
+        # (choice) cluster embeddings and output queries: truncated normal, std 0.02, as ViT embeddings.
+        self.centers = nn.Parameter(nn.init.trunc_normal_(torch.empty(config.n_clusters, d), std=0.02))
+        self.pred_tokens = nn.Parameter(nn.init.trunc_normal_(torch.empty(config.n_out, d), std=0.02))
+        self.conv_centers = ClusterGraphAttention(d)
+        self.norm_centers = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(
+            SelfBlock(d, config.n_heads, config.mlp_ratio) for _ in range(config.n_self)
+        )
+        self.block_crosses = nn.ModuleList(
+            CrossBlock(d, config.n_heads, config.mlp_ratio) for _ in range(config.n_cross)
+        )
+        self.proj = nn.Linear(d, config.out_dim)
+
+    def tokenize(self, x: Tensor, voxel_ids: Tensor) -> Tensor:
+        """Brain tokens of a batch.
+
+        Args:
+            x: (B, V) activations of the sampled voxels.
+            voxel_ids: (B, V) their global voxel ids; a repeated id counts once (same activation assumed).
+
+        Returns:
+            (B, K, D) brain tokens after ReLU and LayerNorm.
+        """
+        require(
+            x.shape == voxel_ids.shape and x.ndim == 2,
+            f"BIT expects x and voxel_ids of the same (B, V) shape, got {tuple(x.shape)} and "
+            f"{tuple(voxel_ids.shape)}",
+        )
+        tokens = x[..., None] * self.voxel_embed[voxel_ids]  # (B, V, D): t_v = x_v · e_v
+        keep = first_occurrence(voxel_ids)  # (B, V)
+        brain = self.conv_centers(tokens, self.cluster_of_voxel[voxel_ids], keep, self.centers)  # (B, K, D)
+        return self.norm_centers(F.relu(brain))
+
+    def forward(self, x: Tensor, voxel_ids: Tensor, query_ids: Tensor | None = None) -> Tensor:
+        """Predicted image tokens.
+
+        Args:
+            x: (B, V) activations of the sampled voxels.
+            voxel_ids: (B, V) their global voxel ids.
+            query_ids: (B, Q) output tokens to decode per sample (the low-level loss samples positions),
+                or None for all N_out.
+
+        Returns:
+            (B, N_out, out_dim), or (B, Q, out_dim) with ``query_ids``.
+        """
+        brain = self.tokenize(x, voxel_ids)  # (B, K, D)
+        if query_ids is None:
+            queries = self.pred_tokens.expand(len(x), -1, -1)  # (B, N_out, D)
+        else:
+            require(
+                query_ids.ndim == 2 and len(query_ids) == len(x),
+                f"query_ids must be (B={len(x)}, Q), got {tuple(query_ids.shape)}",
+            )
+            queries = self.pred_tokens[query_ids]  # (B, Q, D)
+        queries = queries + self.block_crosses[0](brain, queries)
+        for block, cross in zip(self.blocks, self.block_crosses[1:]):
+            brain = block(brain)
+            queries = queries + cross(brain, queries)
+        return self.proj(queries)
+
+
+def count_parameters(module: nn.Module, exclude: tuple[str, ...] = ("voxel_embed",)) -> int:
+    """Number of parameters of ``module``, leaving out the named ones (by default the voxel table)."""
+    return sum(p.numel() for name, p in module.named_parameters() if name not in exclude)
