@@ -32,6 +32,18 @@ def voxel_volume(
     return nib.Nifti1Image(volume, np.asarray(affine, dtype=np.float64))
 
 
+def _label_colormap(n_labels: int):
+    """tab20 up to 20 labels; beyond, n evenly spaced hues in a seeded shuffled order, so that
+    neighbouring label numbers (e.g. 128 V2C clusters) do not get near-identical colours."""
+    from matplotlib import colormaps
+    from matplotlib.colors import ListedColormap
+
+    if n_labels <= 20:
+        return colormaps["tab20"]
+    hues = colormaps["hsv"](np.linspace(0, 1, n_labels, endpoint=False))
+    return ListedColormap(hues[np.random.default_rng(0).permutation(n_labels)])
+
+
 def plot_voxel_map(
     path: str | os.PathLike,
     values: np.ndarray,
@@ -62,7 +74,7 @@ def plot_voxel_map(
     if own_figure:
         fig, axes = plt.subplots(figsize=(9, 3.2))
     draw = plotting.plot_roi if categorical else plotting.plot_stat_map
-    kwargs = {"cmap": "tab20"} if categorical else {}
+    kwargs = {"cmap": _label_colormap(int(values.max()) + 1)} if categorical else {}
     draw(img, axes=axes, title=title, draw_cross=False, display_mode="ortho", **kwargs)
     with atomic_path(path) as tmp:
         axes.figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
