@@ -39,6 +39,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.features.extract",
         "write the CLIP patch-token cache of a store's images (batched, resumable)",
     ),
+    "synthesize-fmri": (
+        "brainit_pl.features.synthesize",
+        "predict every voxel of every subject for an external image set with the trained encoder (resumable)",
+    ),
     "cluster": (
         "brainit_pl.models.cluster_job",
         "V2C: cluster voxel embeddings (or coordinates) into functional clusters shared by all subjects",
