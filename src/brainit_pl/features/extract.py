@@ -20,7 +20,6 @@ examples:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from brainit_pl.data.store import ImageStore, Store
+from brainit_pl.devices import inference_autocast, resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.features.cache import (
     BACKBONES,
@@ -128,7 +128,7 @@ def extract_features(
         _check_existing(final, images, fingerprint, identity, finished=True)
         log.info("%s is complete for this image store; nothing to do", final)
         return final
-    dev = _device(device)
+    dev = resolve_device(device)
     resume = partial.exists()
     if resume:  # before building the network: a wrong partial file fails in a second, not after loading 10 GB
         _check_existing(partial, images, fingerprint, identity, finished=False)
@@ -179,36 +179,17 @@ def _check_existing(
         )
 
 
-def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise BrainITError(f"--device {device!r} is not a torch device ({err})") from err
-    require(dev.type != "cuda" or torch.cuda.is_available(), f"--device {device}: CUDA is not available")
-    return dev
-
-
 def _build(pretrained: str | os.PathLike | None, tiny: bool, weights_dir: str | os.PathLike | None):
     from brainit_pl.backbones.clip import build_clip  # open_clip is heavy: imported only when extracting
 
     return build_clip(pretrained=pretrained, tiny=tiny, weights_dir=weights_dir)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 (else fp16) autocast on CUDA; float32 on CPU, where half-precision matmuls are slow."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
 @torch.inference_mode()
 def _encode(net: torch.nn.Module, pixels: np.ndarray, device: torch.device) -> np.ndarray:
     """uint8 images (B, 3, 224, 224) → tokens (B, T, D) float16."""
     x = torch.from_numpy(pixels).to(device).float().div_(255.0)  # [0, 1], as the store's readers give them
-    with _autocast(device):
+    with inference_autocast(device):
         tokens = net(x)  # (B, T, D)
     return tokens.float().cpu().numpy().astype(np.float16)
 

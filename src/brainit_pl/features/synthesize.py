@@ -39,9 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 from brainit_pl.data.store import ImageStore, Store, write_images
+from brainit_pl.devices import inference_autocast, resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.features.cache import image_fingerprint, partial_path
-from brainit_pl.features.extract import _autocast, _device
 from brainit_pl.features.synthetic_store import (
     IMAGES_FILE,
     SharedImages,
@@ -165,7 +165,7 @@ def synthesize_fmri(
     if not partials:
         log.info("%s is complete for this checkpoint and image set; nothing to do", out)
         return out
-    dev = _device(device)
+    dev = resolve_device(device)
     try:
         _fill(partials, image_store, module.to(dev), dev, batch_size)
     except BaseException:
@@ -285,13 +285,13 @@ def _fill(
         for start in range(0, len(todo), batch_size):
             rows = todo[start : start + batch_size]
             x = torch.from_numpy(images.images(images.nsd_ids[rows], size=224)).to(device).float().div_(255.0)
-            with _autocast(device):
+            with inference_autocast(device):
                 tokens = enc.tokens(x)  # (B, L, T, C)
             for s, f in files.items():
                 need = ~done[s][rows]
                 if not need.any():
                     continue
-                with _autocast(device):
+                with inference_autocast(device):
                     pred = enc.read(tokens[torch.from_numpy(need).to(device)], voxel_ids[s])  # (b, V_s)
                 block = pred.float().cpu().numpy().astype(np.float16)
                 require(

@@ -18,8 +18,7 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
+from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.folders import RECON_KINDS, discover, load_embeddings, load_images
 from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS
@@ -69,21 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the retrieval subsets [0]")
 
 
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BrainITError("--device cuda was asked for, but CUDA is not available; use --device cpu")
-    return torch.device(name)
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; returns the exit status. User errors raise BrainITError."""
     from tqdm.auto import tqdm
 
     if args.batch_size < 1:
         raise BrainITError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     sets = discover(args.recons, args.gt, args.kind)  # every folder problem surfaces before any compute
     suite = build_eval_suite(
         args.protocol, nets=args.nets, weights_dir=args.weights_dir, retrieval_seed=args.seed
