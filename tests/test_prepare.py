@@ -9,6 +9,7 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+from nibabel.freesurfer import write_geometry
 from scipy.io import loadmat
 from skimage.transform import resize
 
@@ -365,5 +366,24 @@ def test_fsaverage_space_reads_the_masked_vertices(tmp_path):
     assert list(sub.trials["nsd_id"][:TPS]) == [
         SUBJECTIM[0, c - 1] - 1 for c in loadmat(lay.expdesign)["masterordering"].ravel()[:TPS]
     ]
+    assert not sub.xyz.any()  # no surface folder: no geometry
     with pytest.raises(BrainITError, match="--surface-mask goes with --space fsaverage"):
         prepare(lay.root, tmp_path / "store2", [1], space="fsaverage")
+
+    # With the fsaverage surfaces, the store holds each selected vertex's pial coordinates.
+    coords = {h: rng.normal(size=(n_vert, 3)) * 50 for h in ("lh", "rh")}
+    (tmp_path / "surf").mkdir()
+    for hemi, xyz in coords.items():
+        write_geometry(tmp_path / "surf" / f"{hemi}.pial", xyz, np.array([[0, 1, 2]]))
+    out = prepare(
+        lay.root,
+        tmp_path / "store3",
+        [1],
+        space="fsaverage",
+        surface_mask=tmp_path / "mask.npy",
+        fsaverage_surf=tmp_path / "surf",
+    )
+    expected_xyz = np.concatenate([coords["lh"], coords["rh"]])[keep]
+    np.testing.assert_allclose(Store(out).subject(1).xyz, expected_xyz, rtol=1e-5)
+    with pytest.raises(BrainITError, match="--fsaverage-surf goes with --space fsaverage"):
+        prepare(lay.root, tmp_path / "store4", [1], fsaverage_surf=tmp_path / "surf")

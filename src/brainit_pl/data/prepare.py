@@ -88,6 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="vertex mask over fsaverage lh+rh (e.g. the Algonauts-2023 mask); required with --space fsaverage",
     )
+    parser.add_argument(
+        "--fsaverage-surf",
+        type=Path,
+        metavar="DIR",
+        help="with --space fsaverage: fsaverage surf/ folder (lh.pial, rh.pial) for vertex coordinates "
+        "(default: none stored, so no anatomical clustering baseline)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
 
 
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         sessions=args.sessions,
         space=args.space,
         surface_mask=args.surface_mask,
+        fsaverage_surf=args.fsaverage_surf,
         mindeye2_root=args.mindeye2_root,
         overwrite=args.overwrite,
     )
@@ -125,6 +133,7 @@ def prepare(
     sessions: int | None = None,
     space: str = "func1pt8mm",
     surface_mask: Path | None = None,
+    fsaverage_surf: Path | None = None,
     mindeye2_root: Path | None = None,
     overwrite: bool = False,
 ) -> Path:
@@ -137,6 +146,9 @@ def prepare(
         sessions: use each subject's first ``sessions`` sessions on disk (default: all).
         space: ``"func1pt8mm"`` (nsdgeneral voxels) or ``"fsaverage"`` (vertices of ``surface_mask``).
         surface_mask: vertex mask file, required with ``space="fsaverage"``.
+        fsaverage_surf: fsaverage surface folder (FreeSurfer ``surf/`` with ``lh.pial``, or GIFTI) for the
+            vertices' coordinates; without it a surface store has no geometry (xyz = 0), so the anatomical
+            clustering baseline cannot run on it.
         mindeye2_root: MindEye2's preprocessed release instead of ``nsd_root``.
         overwrite: replace an existing store at ``out``.
 
@@ -160,6 +172,7 @@ def prepare(
         (space == "fsaverage") == (surface_mask is not None),
         "--surface-mask goes with --space fsaverage (and --space fsaverage needs it)",
     )
+    require(fsaverage_surf is None or space == "fsaverage", "--fsaverage-surf goes with --space fsaverage")
     reader = NSDReader(nsd_root)
     plans = _plan(reader, subjects, sessions, space, surface_mask)
     with atomic_path(out, is_dir=True) as tmp:
@@ -170,7 +183,7 @@ def prepare(
         ) as bar:
             for plan in plans:
                 entries[plan.subject] = _write_subject(
-                    reader, plan, space, tmp / subject_filename(plan.subject), bar
+                    reader, plan, space, tmp / subject_filename(plan.subject), bar, fsaverage_surf
                 )
         ids = np.unique(np.concatenate([p.trials["nsd_id"] for p in plans]))
         with tqdm(total=len(ids), desc="images", unit="image", disable=None) as bar:
@@ -280,7 +293,9 @@ def _plan(reader: NSDReader, subjects, sessions, space, surface_mask) -> list[_S
     return plans
 
 
-def _write_subject(reader: NSDReader, plan: _SubjectPlan, space: str, path: Path, bar: tqdm) -> dict:
+def _write_subject(
+    reader: NSDReader, plan: _SubjectPlan, space: str, path: Path, bar: tqdm, surf_dir: Path | None = None
+) -> dict:
     """Stream one subject's sessions into ``path``; returns its manifest entry."""
     tps = reader.expdesign.trials_per_session
     if space == "func1pt8mm":
@@ -291,7 +306,7 @@ def _write_subject(reader: NSDReader, plan: _SubjectPlan, space: str, path: Path
     else:
         from brainit_pl.data.surface import read_surface_session, vertex_table
 
-        ijk, xyz = vertex_table(plan.mask)
+        ijk, xyz = vertex_table(plan.mask, surf_dir)
 
         def read(session: int) -> np.ndarray:
             betas = read_surface_session(reader.layout, plan.subject, session, plan.mask)
