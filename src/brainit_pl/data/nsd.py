@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from brainit_pl.data.layout import NSD_BETA_SCALE, NSD_TRIALS_PER_SESSION, NSDLayout
-from brainit_pl.data.store import IMAGE_SIZES, repeat_index
+from brainit_pl.data.store import repeat_index, resize_for_store
 from brainit_pl.errors import BrainITError, require
 
 log = logging.getLogger(__name__)
@@ -335,7 +335,6 @@ class NSDReader:
         i.e. anti-aliased; no ``reducing_gap`` shortcut, so it is exact rather than approximate). This is
         the callable :func:`brainit_pl.data.store.write_images` asks for.
         """
-        from PIL import Image
 
         ids = np.asarray(nsd_ids, dtype=np.int64)
         with h5py.File(self.layout.stimuli, "r") as h5:
@@ -347,12 +346,7 @@ class NSDReader:
             raw = (
                 brick[ids] if (np.diff(ids) > 0).all() else np.stack([brick[i] for i in ids])
             )  # (n, H, W, 3)
-        out = {s: np.empty((len(ids), 3, s, s), dtype=np.uint8) for s in IMAGE_SIZES}
-        for n, img in enumerate(raw):
-            pil = Image.fromarray(img)
-            for s in IMAGE_SIZES:
-                out[s][n] = np.asarray(pil.resize((s, s), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-        return out
+        return resize_for_store(raw)
 
 
 def _read_responses(path: Path) -> list[tuple[int, int, int]]:

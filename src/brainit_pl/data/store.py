@@ -181,6 +181,22 @@ class SubjectStoreWriter:
         self._ctx.__exit__(exc_type, exc, tb)
 
 
+def resize_for_store(images: np.ndarray) -> dict[int, np.ndarray]:
+    """uint8 images (n, H, W, 3) → ``{size: (n, 3, size, size) uint8}`` for every size in IMAGE_SIZES.
+
+    PIL's bicubic resize is anti-aliased when shrinking (its filter support scales with the factor), which
+    is what the 224² (CLIP, encoder, metrics) and 112² (VGG) inputs need.
+    """
+    from PIL import Image
+
+    out = {s: np.empty((len(images), 3, s, s), dtype=np.uint8) for s in IMAGE_SIZES}
+    for n, img in enumerate(images):
+        pil = Image.fromarray(img)
+        for s in IMAGE_SIZES:
+            out[s][n] = np.asarray(pil.resize((s, s), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    return out
+
+
 def write_images(
     path: str | os.PathLike, nsd_ids: np.ndarray, images: Any, *, source: str = "", batch: int = 256
 ) -> None:

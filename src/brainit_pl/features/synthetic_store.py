@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from brainit_pl import __version__
-from brainit_pl.data.store import IMAGE_SIZES, ImageStore, _LazyH5, _read_rows
+from brainit_pl.data.store import IMAGE_SIZES, ImageStore, _LazyH5, _read_rows, resize_for_store
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.features.cache import image_fingerprint
 from brainit_pl.files import atomic_path
@@ -190,7 +190,6 @@ def simulated_source(seed: int, size: int) -> ImageSource:
     seed and side ``size``, resized to the store's sizes with PIL bicubic from uint8 exactly as
     ``prepare`` resizes the tree's stimuli, so a copy of a tree image would hash alike.
     """
-    from PIL import Image
 
     from brainit_pl.data.sim_stimuli import EXTERNAL_STREAM, generate_stimuli
 
@@ -203,12 +202,7 @@ def simulated_source(seed: int, size: int) -> ImageSource:
             feature_size=min(32, size - size % 2),
             stream=EXTERNAL_STREAM,
         ).images  # (n, S, S, 3) uint8
-        out = {s: np.empty((len(raw), 3, s, s), dtype=np.uint8) for s in IMAGE_SIZES}
-        for n, img in enumerate(raw):
-            pil = Image.fromarray(img)
-            for s in IMAGE_SIZES:
-                out[s][n] = np.asarray(pil.resize((s, s), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
-        return out
+        return resize_for_store(raw)
 
     return images
 
