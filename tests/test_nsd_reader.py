@@ -9,8 +9,9 @@ import pytest
 from scipy.io import savemat
 from skimage.transform import resize
 
+from brainit_pl.data.expdesign import read_expdesign
 from brainit_pl.data.layout import NSDLayout
-from brainit_pl.data.nsd import NSDReader, read_expdesign, zscore_session
+from brainit_pl.data.nsd import NSDReader, zscore_session
 from brainit_pl.errors import BrainITError
 
 SHAPE = (7, 8, 9)
