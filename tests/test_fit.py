@@ -26,10 +26,29 @@ DIST_VARS = (
 )
 
 
+def _fit_args(store, root, *extra):
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--data.store",
+        str(store),
+        "--trainer.default_root_dir",
+        str(root),
+        *extra,
+    ]
+
+
 def _fit(store, root, *extra):
-    return main(
-        ["fit", "--config", TINY, "--data.store", str(store), "--trainer.default_root_dir", str(root), *extra]
-    )
+    return main(_fit_args(store, root, *extra))
+
+
+def _fit_process(store, root, *extra, **kwargs):
+    """``brainit-pl fit`` in a real process, without inherited launcher variables."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [sys.executable, "-m", "brainit_pl.cli", *_fit_args(store, root, *extra)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, **kwargs)
 
 
 def test_fit_resume_test(tiny_store, tmp_path, capsys):
@@ -71,27 +90,9 @@ def test_fit_resume_test(tiny_store, tmp_path, capsys):
     }  # fmt: skip
 
 
-def _clean_env():
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env["HF_HUB_OFFLINE"] = "1"
-    return env
-
-
 def test_missing_store_is_one_line(tmp_path):
     # A real process: what a user sees on the terminal (pytest's capture would mix in Lightning's logs).
-    cmd = [
-        sys.executable,
-        "-m",
-        "brainit_pl.cli",
-        "fit",
-        "--config",
-        TINY,
-        "--data.store",
-        str(tmp_path / "nowhere"),
-        "--trainer.default_root_dir",
-        str(tmp_path / "run"),
-    ]
-    proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=120)
+    proc = _fit_process(tmp_path / "nowhere", tmp_path / "run", timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
@@ -99,26 +100,13 @@ def test_missing_store_is_one_line(tmp_path):
 
 
 def test_ddp_two_cpu_processes(tiny_store, tmp_path):
-    env = _clean_env()
-    cmd = [
-        sys.executable,
-        "-m",
-        "brainit_pl.cli",
-        "fit",
-        "--config",
-        TINY,
-        "--data.store",
-        str(tiny_store),
-        "--trainer.default_root_dir",
-        str(tmp_path),
-        "--trainer.strategy",
-        "ddp",
-        "--trainer.devices",
-        "2",
-        "--trainer.max_epochs",
-        "1",
-    ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = _fit_process(
+        tiny_store,
+        tmp_path,
+        *("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "1"),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "world_size=2" in proc.stderr or "MEMBER: 2/2" in proc.stderr, proc.stderr[-3000:]
     assert list(tmp_path.rglob("*.ckpt"))
