@@ -245,7 +245,7 @@ def write_manifest(
 
 
 # --------------------------------------------------------------------------------------------- reading
-class _LazyH5:
+class LazyH5:
     """An h5py file opened on first use and re-opened after a fork (worker processes)."""
 
     def __init__(self, path: Path) -> None:
@@ -264,17 +264,18 @@ class _LazyH5:
         return {"path": self.path, "_file": None, "_pid": -1}
 
 
-def _read_rows(dset: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """``dset[rows]`` for sorted unique ``rows``, one plain read per row.
+def read_rows(dset: h5py.Dataset, rows: np.ndarray | list[int]) -> np.ndarray:
+    """``dset[rows]`` for rows in any order, duplicates allowed; each distinct row is read once.
 
-    Why not ``dset[rows]``: h5py turns a list index into a union of hyperslab selections, which costs
-    ~0.4 ms per row (36 ms for the 96 rows of a batch of 32 images x 3 repeats at 15.7k voxels), about
-    30x more than reading the rows one by one.
+    Why not ``dset[rows]``: h5py needs sorted unique indices, and turns a list index into a union of
+    hyperslab selections, which costs ~0.4 ms per row (36 ms for the 96 rows of a batch of 32 images x 3
+    repeats at 15.7k voxels), about 30x more than reading the rows one by one.
     """
-    out = np.empty((len(rows), *dset.shape[1:]), dtype=dset.dtype)
-    for j, r in enumerate(rows.tolist()):
+    uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
+    out = np.empty((len(uniq), *dset.shape[1:]), dtype=dset.dtype)
+    for j, r in enumerate(uniq.tolist()):
         out[j] = dset[r]
-    return out
+    return out[inverse]
 
 
 def _check_version(attrs: Mapping[str, Any], what: str) -> None:
@@ -321,16 +322,14 @@ class SubjectStore:
                 self.volume_shape = None if shape is None else tuple(int(n) for n in shape)
         except (OSError, KeyError) as err:
             raise BrainITError(f"{self.path} is not a readable brainit-pl store file ({err})") from err
-        self._h5 = _LazyH5(self.path)
+        self._h5 = LazyH5(self.path)
 
     def betas(self, rows: np.ndarray | list[int], dtype: Any = np.float32) -> np.ndarray:
         """Betas of trial ``rows`` → (len(rows), V), in the order given (duplicates allowed).
 
         ``dtype=None`` keeps the stored float16 (callers that convert in torch save a slow numpy cast).
         """
-        rows = np.asarray(rows, dtype=np.int64)
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        block = _read_rows(self._h5.file["betas"], uniq)[inverse]  # (len(rows), V) float16
+        block = read_rows(self._h5.file["betas"], rows)  # (len(rows), V) float16
         return block if dtype is None else block.astype(dtype)
 
 
@@ -347,7 +346,7 @@ class ImageStore:
             _check_version(h5.attrs, str(self.path))
             self.nsd_ids = h5["nsd_id"][()].astype(np.int64)
         self._row = {int(i): r for r, i in enumerate(self.nsd_ids)}
-        self._h5 = _LazyH5(self.path)
+        self._h5 = LazyH5(self.path)
 
     def __contains__(self, nsd_id: int) -> bool:
         return int(nsd_id) in self._row
@@ -361,9 +360,7 @@ class ImageStore:
     def images(self, nsd_ids: np.ndarray | list[int], size: int = 224) -> np.ndarray:
         """Images of ``nsd_ids`` → (n, 3, size, size) uint8, in the order given."""
         require(size in IMAGE_SIZES, f"image size {size} not stored; choose one of {IMAGE_SIZES}")
-        rows = self.rows(nsd_ids)
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        return _read_rows(self._h5.file[f"images_{size}"], uniq)[inverse]
+        return read_rows(self._h5.file[f"images_{size}"], self.rows(nsd_ids))
 
 
 @dataclass

@@ -28,7 +28,7 @@ import h5py
 import numpy as np
 
 from brainit_pl import __version__
-from brainit_pl.data.store import ImageStore, _LazyH5, _read_rows
+from brainit_pl.data.store import ImageStore, LazyH5, read_rows
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path
 
@@ -190,7 +190,7 @@ class FeatureCache:
         self.weights = str(attrs["weights"])
         self.n_tokens, self.width = int(shape[1]), int(shape[2])
         self._row = {int(i): r for r, i in enumerate(image_store.nsd_ids)}
-        self._h5 = _LazyH5(self.path)
+        self._h5 = LazyH5(self.path)
 
     def __len__(self) -> int:
         return len(self._row)
@@ -206,5 +206,4 @@ class FeatureCache:
             raise BrainITError(
                 f"image {err.args[0]} (73k id) is not in the feature cache {self.path}"
             ) from err
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        return _read_rows(self._h5.file["tokens"], uniq)[inverse]
+        return read_rows(self._h5.file["tokens"], rows)

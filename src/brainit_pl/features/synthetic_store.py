@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from brainit_pl import __version__
-from brainit_pl.data.store import IMAGE_SIZES, ImageStore, _LazyH5, _read_rows, resize_for_store
+from brainit_pl.data.store import IMAGE_SIZES, ImageStore, LazyH5, read_rows, resize_for_store
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.features.cache import image_fingerprint
 from brainit_pl.files import atomic_path
@@ -139,7 +139,7 @@ class SyntheticFMRI:
         self.image_store = ImageStore(self.root / IMAGES_FILE)
         self.n_images = len(self.image_store.nsd_ids)
         fingerprint = image_fingerprint(self.image_store)
-        self._files: dict[int, _LazyH5] = {}
+        self._files: dict[int, LazyH5] = {}
         self.n_voxels: dict[int, int] = {}
         for path in sorted(self.root.glob("fmri_subj[0-9][0-9].h5")):
             subject = int(path.stem.removeprefix("fmri_subj"))
@@ -148,7 +148,7 @@ class SyntheticFMRI:
             identity = {k: attrs.get(k) for k in IDENTITY_ATTRS}
             identity.update(subject=subject, n_voxels=n_voxels, image_fingerprint=fingerprint)
             check_fmri_file(path, identity, finished=True, fix=fix)
-            self._files[subject], self.n_voxels[subject] = _LazyH5(path), n_voxels
+            self._files[subject], self.n_voxels[subject] = LazyH5(path), n_voxels
         require(bool(self._files), f"no finished fmri_subjNN.h5 in {self.root}; {fix}")
         self.subjects = sorted(self._files)
 
@@ -170,8 +170,7 @@ class SyntheticFMRI:
             rows.size == 0 or (rows.min() >= 0 and rows.max() < self.n_images),
             f"image rows must lie in 0..{self.n_images - 1}",
         )
-        uniq, inverse = np.unique(rows, return_inverse=True)
-        return _read_rows(self._files[subject].file["betas"], uniq)[inverse].astype(np.float32)
+        return read_rows(self._files[subject].file["betas"], rows).astype(np.float32)
 
     def images(self, rows: np.ndarray | list[int], size: int = 224) -> np.ndarray:
         """External images of ``rows`` → (n, 3, size, size) uint8 (size in the store's ``IMAGE_SIZES``)."""
