@@ -59,7 +59,7 @@ class TestEvaluation(Callback):
         self._nets = build_feature_nets(self.protocol, self.nets, self.weights_dir)
         self._suites: dict[int, Any] = {}
         self._ids: dict[int, set[int]] = defaultdict(set)
-        self._grid: dict[int, list[torch.Tensor]] = defaultdict(lambda: [[], []])
+        self._grid: dict[int, list[list[torch.Tensor]]] = defaultdict(lambda: [[], []])  # [gt, recon]
 
     def _suite(self, subject: int, device: torch.device):
         if subject not in self._suites:
