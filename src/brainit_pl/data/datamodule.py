@@ -16,6 +16,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from brainit_pl.data.datasets import BatchDataset, BatchPlan
+from brainit_pl.data.external import ExternalData
 from brainit_pl.data.splits import SPLITS, SampleTable, SubjectSplit, make_samples, split_subject
 from brainit_pl.data.store import IMAGE_SIZES, Store
 from brainit_pl.errors import BrainITError, require
@@ -50,11 +51,20 @@ class NSDDataModule(L.LightningDataModule):
     buckets** (shuffled buckets in train, ordered in val/test): no padding and no padding mask in any
     model, at the cost of batches that each hold a single subject.
 
+    External images — a choice of how to mix them: with ``external`` (a ``synthesize-fmri`` folder), a
+    train epoch of n real samples also has ``round(external_ratio · n)`` external slots, shuffled together
+    with the real samples (so the ratio holds per epoch, and per batch on average; Brain-IT uses 1 real :
+    3 synthetic). Each slot draws an external image and a subject uniformly (with replacement, at every
+    draw) and carries that subject's synthetic betas at k drawn voxels, like a real sample. Val and test
+    never hold external samples.
+
     Each batch is a dict (B samples, k voxels or V_s = all voxels of the batch's subject):
     ``betas`` (B, k) float32, ``voxel_ids`` (B, k) int64 global voxel ids (``voxel_offsets[subject]`` +
-    local index), ``subject``, ``nsd_id`` (0-based 73k id), ``n_repeats``: (B,) int64, and
+    local index), ``subject``, ``nsd_id`` (0-based 73k id; ``-1 - row`` for external image ``row``),
+    ``n_repeats`` (1 for external samples): (B,) int64, ``external`` (B,) bool (which samples are external),
     ``image_224`` / ``image_112`` (B, 3, S, S) float32 in [0, 1] for the sizes in ``image_sizes``, and
     ``<name>_tokens`` (B, T, D) float32 for each feature cache in ``features`` (``clip_tokens``: 256 × 1664).
+    See :class:`~brainit_pl.data.datasets.BatchDataset`.
 
     Randomness (shuffles, val draw, voxel draws) depends only on ``seed``, the epoch and the batch's
     global number: the same with any number of workers. Under DDP each rank reads a disjoint shard of the
@@ -80,6 +90,10 @@ class NSDDataModule(L.LightningDataModule):
         seed: seed of the val draw, the shuffles and the voxel draws.
         persistent_workers: keep workers alive between epochs (with ``num_workers > 0``).
         pin_memory: pin batches in page-locked memory (faster host-to-GPU copies).
+        external: a synthetic-fMRI folder (``brainit-pl synthesize-fmri``) whose images join the training
+            batches; needs ``voxels_per_sample``, synthetic fMRI of every chosen subject and, with
+            ``features``, the folder's own caches (``brainit-pl extract-features --store FOLDER``).
+        external_ratio: external slots per real training sample (>= 0).
 
     Attributes:
         n_voxels: subject → voxel count V_s (known right after ``__init__``, for linking into models).
@@ -106,6 +120,8 @@ class NSDDataModule(L.LightningDataModule):
         seed: int = 0,
         persistent_workers: bool = True,
         pin_memory: bool = False,
+        external: str | None = None,
+        external_ratio: float = 3.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -160,6 +176,16 @@ class NSDDataModule(L.LightningDataModule):
                 f"voxels_per_sample={voxels_per_sample} without replacement exceeds the voxel counts {small}; "
                 "lower it or set voxel_replacement=true",
             )
+        require(
+            external is None or voxels_per_sample is not None,
+            "external images need voxels_per_sample (k voxels per sample, so real and synthetic samples "
+            "of any subject share a batch); set it, or leave external unset",
+        )
+        require(0 <= external_ratio < np.inf, f"external_ratio must be finite and >= 0, got {external_ratio}")
+        self.external = (
+            None if external is None else ExternalData(external, self.n_voxels, features, self.store.root)
+        )
+        self.external_ratio = external_ratio
         self.hours, self.val_fraction, self.seed = hours, val_fraction, seed
         self.voxels_per_sample, self.voxel_replacement = voxels_per_sample, voxel_replacement
         self.average = {"train": average_repeats, "val": average_repeats, "test": test_average_repeats}
@@ -231,6 +257,13 @@ class NSDDataModule(L.LightningDataModule):
                 for name in splits
             ]
             log.info("subject %d: %d voxels, hours=%s; %s", s, self.n_voxels[s], self.hours, ", ".join(parts))
+        if self.external is not None and "train" in splits:
+            n_real = len(self.samples["train"])
+            log.info("external: %d slots per epoch (%s)", self._n_external(n_real), self.external.root)
+
+    def _n_external(self, n_real: int) -> int:
+        """External slots of a train epoch with ``n_real`` real samples."""
+        return 0 if self.external is None else round(self.external_ratio * n_real)
 
     # ------------------------------------------------------------------------------------ dataloaders
     def make_dataloader(self, split: str, *, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -259,6 +292,7 @@ class NSDDataModule(L.LightningDataModule):
             rank=rank,
             world_size=world_size,
             even_shards=train,
+            n_external=self._n_external(len(samples)) if train else 0,  # val/test: real samples only
         )
         dataset = BatchDataset(
             self.store,
@@ -268,6 +302,7 @@ class NSDDataModule(L.LightningDataModule):
             replacement=self.voxel_replacement,
             image_sizes=self.image_sizes,
             features=self.features,
+            external=self.external if train else None,
         )
         return DataLoader(
             dataset,

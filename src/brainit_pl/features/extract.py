@@ -1,5 +1,8 @@
 """Extract the CLIP patch tokens of every image of a store into its feature cache (STORE/features_clip.h5).
 
+STORE is a prepared store (`prepare`) or a synthetic-fMRI folder (`synthesize-fmri`: its external images,
+OUT/images.h5, get their cache at OUT/features_clip.h5, which the NSDDataModule reads with `external: OUT`).
+
 Each image's 224² pixels go through the frozen OpenCLIP ViT-bigG-14 vision tower (with MindEye2's
 (x + 1) / 2 preprocessing, see brainit_pl/backbones/clip.py) and its 256 × 1664 patch tokens are stored as
 float16 (≈ 0.85 MB per image; ≈ 8.5 GB for one subject's 10k images). The NSDDataModule streams them with
@@ -15,6 +18,7 @@ examples:
   brainit-pl extract-features --store store/nsd
   brainit-pl extract-features --store store/nsd --pretrained /weights/open_clip_pytorch_model.bin --batch-size 32
   brainit-pl extract-features --store sim/store --tiny        # the tiny random twin (smoke tests)
+  brainit-pl extract-features --store store/nsd/synthetic     # the external images of synthesize-fmri
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from brainit_pl.features.cache import (
     image_fingerprint,
     partial_path,
 )
+from brainit_pl.features.synthetic_store import IMAGES_FILE
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +53,11 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``brainit-pl extract-features``."""
     parser.add_argument(
-        "--store", type=Path, required=True, metavar="STORE", help="a store folder (`prepare`)"
+        "--store",
+        type=Path,
+        required=True,
+        metavar="STORE",
+        help="a store folder (`prepare`) or a synthetic-fMRI folder (`synthesize-fmri`)",
     )
     parser.add_argument(
         "--backbone", choices=BACKBONES, default="clip", help="which features (default: clip)"
@@ -99,7 +108,8 @@ def extract_features(
     """Write (or finish) the feature cache of the store's images.
 
     Args:
-        store: a store folder with an image store.
+        store: a store folder with an image store, or a synthetic-fMRI folder (``images.h5`` and no
+            ``manifest.json``: the external images of ``synthesize-fmri``).
         backbone: which features (``"clip"``: (256, D) patch tokens of :func:`~brainit_pl.backbones.build_clip`).
         pretrained, tiny, weights_dir: passed to ``build_clip``.
         batch_size: images per forward pass.
@@ -107,7 +117,7 @@ def extract_features(
         overwrite: discard an existing partial or finished cache and start over.
 
     Returns:
-        The cache file, ``STORE/features_<backbone>.h5``.
+        The cache file, ``STORE/features_<backbone>.h5`` (next to the images either way).
 
     Raises:
         BrainITError: no store or image store, a bad option, an existing cache of other images or weights
@@ -117,7 +127,7 @@ def extract_features(
         backbone in BACKBONES, f"unknown feature backbone {backbone!r}; expected one of {list(BACKBONES)}"
     )
     require(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")
-    images = Store(store).images
+    images = _image_store(Path(store))
     final, partial = cache_path(store, backbone), partial_path(cache_path(store, backbone))
     fingerprint = image_fingerprint(images)
     identity = {"backbone": backbone, "arch": "tiny" if tiny else "ViT-bigG-14"}
@@ -144,6 +154,13 @@ def extract_features(
     os.replace(partial, final)
     log.info("wrote %s (%d images, %d x %d tokens)", final, len(images.nsd_ids), net.n_tokens, net.width)
     return final
+
+
+def _image_store(root: Path) -> ImageStore:
+    """The images of a store, or of a synthetic-fMRI folder: one has a manifest, the other only images.h5."""
+    if not (root / "manifest.json").is_file() and (root / IMAGES_FILE).is_file():
+        return ImageStore(root / IMAGES_FILE)
+    return Store(root).images  # a store, or neither: Store's error says what is missing
 
 
 def _weights_label(pretrained: str | os.PathLike | None, tiny: bool) -> str:
