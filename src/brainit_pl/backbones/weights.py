@@ -70,6 +70,13 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         size="1.22 GB",
         what="DINOv2 ViT-L/14 with 4 registers (timm vit_large_patch14_reg4_dinov2.lvd142m)",
     ),
+    # MindEye2's SDXL-unCLIP (brainit_pl.recon.unclip): an sgm DiffusionEngine state dict, UNet + SDXL VAE.
+    "mindeye2-unclip6": WeightFile(
+        path="unclip6_epoch0_step110000.ckpt",
+        url="https://huggingface.co/datasets/pscotti/mindeyev2/resolve/main/unclip6_epoch0_step110000.ckpt",
+        size="10+ GB",
+        what="MindEye2 SDXL-unCLIP checkpoint (sgm DiffusionEngine, unclip6_epoch0_step110000.ckpt)",
+    ),
     # The metric networks' files (brainit_pl.backbones.metric_nets), under their download names.
     "alexnet": WeightFile(
         path="alexnet-owt-7be5be79.pth",

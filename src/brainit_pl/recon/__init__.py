@@ -1,0 +1,1 @@
+"""Reconstruction from predicted features: the DIP, unCLIP and SDXL stages (BRAINIT.md §6)."""
