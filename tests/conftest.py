@@ -40,3 +40,27 @@ def stderr_lines(capsys):
         return [line for line in err.strip().splitlines() if line and not _LOG_LINE.match(line)]
 
     return read
+
+
+@pytest.fixture(scope="session")
+def bit_store(tiny_store, tmp_path_factory):
+    """A copy of :func:`tiny_store` with a tiny-twin CLIP cache and a random ``clusters.npz`` (K=4) beside it.
+
+    Returns the store folder; the clusters file is ``STORE/clusters.npz``. Treat as read-only.
+    """
+    import shutil
+
+    import numpy as np
+
+    from brainit_pl.data.store import Store
+    from brainit_pl.features.extract import extract_features
+    from brainit_pl.models.v2c import ClusterMap, save_clusters
+
+    store = tmp_path_factory.mktemp("bit") / "store"
+    shutil.copytree(tiny_store, store)
+    extract_features(store, tiny=True, batch_size=16)
+    opened = Store(store)
+    n_voxels = {s: opened.subject(s).n_voxels for s in opened.subjects}
+    labels = np.random.default_rng(0).integers(0, 4, size=sum(n_voxels.values()))
+    save_clusters(store / "clusters.npz", ClusterMap(labels, n_voxels, 4, "random", 0))
+    return store

@@ -7,7 +7,7 @@ import pytest
 from brainit_pl import __version__
 from brainit_pl.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, main
 
-CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").rglob("*.yaml"))
 
 
 def test_top_level_help_lists_every_command(capsys):
@@ -44,7 +44,7 @@ def test_lightning_command_help(name, capsys):
     assert "--data.store" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_parses(config, capsys):
     # --print_config validates the YAML against the typed constructors without instantiating anything.
     with pytest.raises(SystemExit) as exit_info:

@@ -159,9 +159,27 @@ def run_lightning(argv: Sequence[str]) -> int:
         BrainITCLI()
     except BrainITError as err:
         return _fail(f"brainit-pl {argv[0]}", str(err))
+    except (ValueError, TypeError) as err:
+        # jsonargparse wraps an error raised while instantiating the model (e.g. a clusters file that does
+        # not fit the store) in its own ValueError: unwrap ours.
+        cause = _brainit_cause(err)
+        if cause is None:
+            raise
+        return _fail(f"brainit-pl {argv[0]}", str(cause))
     finally:
         sys.argv = saved
     return 0
+
+
+def _brainit_cause(err: BaseException) -> BrainITError | None:
+    """The BrainITError in ``err``'s chain of causes and contexts, if any."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, BrainITError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

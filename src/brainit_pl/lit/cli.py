@@ -7,12 +7,15 @@ DataModule into the model, never typed twice: ``data.n_voxels`` → ``model.init
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from brainit_pl.data.datamodule import NSDDataModule
+
+log = logging.getLogger(__name__)
 
 
 class BrainITCLI(LightningCLI):
@@ -29,6 +32,31 @@ class BrainITCLI(LightningCLI):
             parser_kwargs={"description": "brainit-pl: train and evaluate on a prepared NSD store."},
             **kwargs,
         )
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning rebuilds the model from a checkpoint's hyperparameters, over the config: say what changed.
+
+        (A config value silently replaced by the checkpoint's would otherwise look like a bug in the run.)
+        """
+        before = self._model_args()
+        super()._parse_ckpt_path()
+        after = self._model_args()
+        changed = [  # n_voxels is linked from the data later: not the user's
+            f"{k}: {before[k]!r} -> {after[k]!r}"
+            for k in sorted(before)
+            if k in after and before[k] != after[k] and k != "n_voxels"
+        ]
+        if changed:
+            log.warning(
+                "the model is built from the checkpoint's hyperparameters, which replace the config's: %s",
+                "; ".join(changed),
+            )
+
+    def _model_args(self) -> dict[str, Any]:
+        sub = self.config.get("subcommand")
+        model = self.config.get(sub, {}).get("model") if sub else None
+        args = getattr(model, "init_args", None) if model is not None else None
+        return dict(vars(args)) if args is not None else {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.n_voxels", "model.init_args.n_voxels", apply_on="instantiate")

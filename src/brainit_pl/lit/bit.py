@@ -1,0 +1,369 @@
+"""Stage-1 training of the two BITs (BRAINIT.md §4–§5): fMRI → CLIP tokens (semantic) or VGG tokens (low-level).
+
+One LightningModule for both branches and for the MindEye2-style baseline that predicts the same targets:
+
+* ``branch="semantic"``: MSE on the 256 CLIP tokens cached by ``brainit-pl extract-features`` (batch key
+  ``clip_tokens``; the DataModule needs ``features: [clip]``);
+* ``branch="lowlevel"``: symmetric InfoNCE per VGG scale on [512, 512, 128, 64, 16] token positions drawn per
+  image (only those queries are decoded); the targets are computed on the fly from ``image_112`` by the frozen
+  VGG16-BN (:class:`~brainit_pl.backbones.vgg.VGGTokens`), which never lands in a checkpoint. Negatives are
+  the other sampled tokens of the same scale in the *local* batch (no gather across DDP ranks, as in the
+  authors' code, so the loss value depends on the per-device batch size);
+* ``decoder="bit"`` (the :class:`~brainit_pl.models.bit.BIT`, with the V2C clusters of ``clusters``) or
+  ``"mindeye2"`` (:class:`~brainit_pl.models.baselines.MindEye2Decoder`, no clusters).
+
+Optimisation: AdamW (wd 0.01), lr 5e-4, cubic warm-up then ReduceLROnPlateau on the validation loss
+(:class:`~brainit_pl.lit.schedule.CubicWarmupPlateau`). The module steps that scheduler itself, once per
+epoch right after the epoch-end validation: Lightning would step it only after ``ModelCheckpoint`` has
+saved the epoch, so a run resumed from that checkpoint would replay the previous epoch's rate. Logged: ``train/loss``, ``val/loss`` and, every
+``quality_every_n_epochs`` epochs, the feature-prediction quality of :mod:`brainit_pl.metrics.features`
+(``val/clip_cos`` or ``val/vgg_2way``); the learning rate through ``LearningRateMonitor`` in the configs.
+
+Reproducibility: the low-level token positions are drawn from a generator keyed by (seed, global step,
+rank), like the DataModule's voxel draws, so a run resumed from a checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from brainit_pl.errors import BrainITError, require
+from brainit_pl.lit.schedule import CubicWarmupPlateau
+from brainit_pl.metrics.features import TokenCosine, TokenTwoWay, eval_positions
+from brainit_pl.models.bit import BIT, BITConfig
+from brainit_pl.models.losses import infonce_per_scale, semantic_mse
+
+log = logging.getLogger(__name__)
+
+SEMANTIC_SHAPE = (256, 1664)  # OpenCLIP ViT-bigG/14 patch tokens
+LOWLEVEL_TOKENS_PER_SCALE = (512, 512, 128, 64, 16)
+# hparams a checkpoint must share with the module that loads it (the rest may change, e.g. lr or epochs)
+ARCHITECTURE_HPARAMS = (
+    "branch",
+    "decoder",
+    "n_voxels",
+    "dim",
+    "n_heads",
+    "n_self",
+    "mlp_ratio",
+    "target_shape",
+    "mindeye2",
+)
+
+
+def file_digest(path: str | Path) -> str:
+    """sha1 of a file's bytes (the clusters a BIT was trained with are recorded by content, not path)."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
+
+
+class BITModule(L.LightningModule):
+    """A feature decoder (BIT or the MindEye2-style baseline) for one branch, trained on all subjects.
+
+    Args:
+        n_voxels: subject → voxel count (linked from the DataModule; sets the voxel table).
+        branch: ``"semantic"`` (CLIP tokens) or ``"lowlevel"`` (VGG tokens).
+        decoder: ``"bit"`` or ``"mindeye2"``.
+        clusters: the V2C ``clusters.npz`` (``brainit-pl cluster``); required for the BIT.
+        n_clusters: K expected in ``clusters`` (``None``: whatever the file has); a mismatch is an error.
+        dim, n_heads, n_self, mlp_ratio: BIT sizes (:class:`~brainit_pl.models.bit.BITConfig`).
+        target_shape: (tokens, width) of the semantic targets (``None``: 256 × 1664, ViT-bigG/14); checked
+            against the DataModule's CLIP cache. The low-level shape comes from the VGG (7,190 × 512).
+        gradient_checkpointing: recompute the BIT's blocks in the backward pass (less memory, ~30% slower).
+        mindeye2: options of ``MindEye2Decoder`` (``latent``, ``n_blocks``, ...), for ``decoder="mindeye2"``.
+        tokens_per_scale: low-level token positions drawn per image and scale.
+        vgg_weights: VGG16-BN weight file (``None``: the weights folder, or random for the tiny twin).
+        tiny_vgg: use the tiny VGG twin (the real architecture with seeded random weights).
+        weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS``).
+        lr: AdamW peak learning rate.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: epochs of cubic warm-up.
+        warmup_start: the warm-up's starting fraction of ``lr``.
+        lr_factor: ReduceLROnPlateau factor.
+        lr_patience: ReduceLROnPlateau patience (epochs).
+        quality_every_n_epochs: compute ``val/clip_cos`` or ``val/vgg_2way`` every N epochs (always at test).
+        seed: seed of the low-level position draws.
+    """
+
+    def __init__(
+        self,
+        n_voxels: dict[int, int],
+        branch: Literal["semantic", "lowlevel"] = "semantic",
+        decoder: Literal["bit", "mindeye2"] = "bit",
+        clusters: str | None = None,
+        n_clusters: int | None = None,
+        dim: int = 512,
+        n_heads: int = 8,
+        n_self: int = 5,
+        mlp_ratio: float = 4.0,
+        target_shape: tuple[int, int] | None = None,
+        gradient_checkpointing: bool = False,
+        mindeye2: dict[str, Any] | None = None,
+        tokens_per_scale: list[int] = list(LOWLEVEL_TOKENS_PER_SCALE),  # noqa: B006 - copied, never mutated
+        vgg_weights: str | None = None,
+        tiny_vgg: bool = False,
+        weights_dir: str | None = None,
+        lr: float = 5e-4,
+        weight_decay: float = 0.01,
+        warmup_epochs: int = 15,
+        warmup_start: float = 1e-3,
+        lr_factor: float = 0.1,
+        lr_patience: int = 5,
+        quality_every_n_epochs: int = 1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        require(branch in ("semantic", "lowlevel"), f"branch must be semantic or lowlevel, got {branch!r}")
+        require(decoder in ("bit", "mindeye2"), f"decoder must be bit or mindeye2, got {decoder!r}")
+        require(quality_every_n_epochs >= 1, "quality_every_n_epochs must be >= 1")
+        self.save_hyperparameters()
+        self.n_voxels = {int(s): int(v) for s, v in sorted(n_voxels.items())}
+        self.vgg_tokens = None
+        if branch == "lowlevel":
+            from brainit_pl.backbones.vgg import VGGTokens, build_vgg
+
+            self.vgg_tokens = VGGTokens(build_vgg(vgg_weights, tiny=tiny_vgg, weights_dir=weights_dir))
+            layout = self.vgg_tokens.layout
+            shape = (layout.total, layout.width)
+            require(
+                target_shape is None or tuple(target_shape) == shape,
+                f"the low-level targets are the VGG's {shape} tokens, not target_shape={target_shape}",
+            )
+            require(
+                len(tokens_per_scale) == len(layout.counts)
+                and all(1 <= n <= c for n, c in zip(tokens_per_scale, layout.counts)),
+                f"tokens_per_scale {tokens_per_scale} must give 1..{list(layout.counts)} positions per scale",
+            )
+            self.register_buffer("eval_positions", eval_positions(layout.counts), persistent=False)
+        else:
+            shape = tuple(target_shape or SEMANTIC_SHAPE)
+        self.target_shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.clusters_sha1: str | None = None
+        self.net = self._build_decoder()
+        quality = TokenCosine if branch == "semantic" else TokenTwoWay  # two-way on the eval positions
+        self.quality = torch.nn.ModuleDict({"val": quality(), "test": quality()})
+        self.val_loss = MeanMetric()  # the scheduler's input (synced over ranks: one rate everywhere)
+
+    def _build_decoder(self) -> torch.nn.Module:
+        hp = self.hparams
+        n_out, out_dim = self.target_shape
+        if hp.decoder == "mindeye2":
+            from brainit_pl.models.baselines import MindEye2Decoder
+
+            return MindEye2Decoder(self.n_voxels, n_out=n_out, out_dim=out_dim, **(hp.mindeye2 or {}))
+        require(
+            hp.clusters is not None,
+            "the BIT needs its V2C clusters: set model.init_args.clusters to a clusters.npz from "
+            "`brainit-pl cluster`",
+        )
+        from brainit_pl.models.v2c import load_clusters
+
+        clusters = load_clusters(hp.clusters, self.n_voxels)  # a voxel-count mismatch fails here, clearly
+        require(
+            hp.n_clusters is None or hp.n_clusters == clusters.n_clusters,
+            f"{hp.clusters} has K={clusters.n_clusters} clusters but the config says n_clusters={hp.n_clusters}",
+        )
+        self.clusters_sha1 = file_digest(hp.clusters)
+        config = BITConfig(
+            dim=hp.dim,
+            n_clusters=clusters.n_clusters,
+            n_heads=hp.n_heads,
+            mlp_ratio=hp.mlp_ratio,
+            n_self=hp.n_self,
+            n_out=n_out,
+            out_dim=out_dim,
+        )
+        net = BIT(config, clusters.cluster_of_voxel)
+        net.gradient_checkpointing = hp.gradient_checkpointing
+        return net
+
+    def forward(self, betas: Tensor, voxel_ids: Tensor, query_ids: Tensor | None = None) -> Tensor:
+        """(B, V) activations at (B, V) global voxel ids → (B, N_out | Q, width) predicted tokens."""
+        return self.net(betas, voxel_ids, query_ids)
+
+    # ------------------------------------------------------------------------------------------ data
+    def setup(self, stage: str) -> None:
+        """Check that the DataModule delivers this branch's targets, with the right shape."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if dm is None:
+            return
+        if self.hparams.branch == "semantic":
+            shapes = getattr(dm, "feature_shapes", {})
+            require(
+                "clip" in shapes,
+                "the semantic BIT trains on cached CLIP tokens: set data.features: [clip] (and run "
+                "`brainit-pl extract-features --store STORE`)",
+            )
+            require(
+                tuple(shapes["clip"]) == self.target_shape,
+                f"the CLIP cache holds {tuple(shapes['clip'])} tokens per image but the model predicts "
+                f"{self.target_shape}; set model.init_args.target_shape: {list(shapes['clip'])}",
+            )
+        else:
+            require(
+                112 in getattr(dm, "image_sizes", ()),
+                "the low-level BIT computes VGG targets from the 112² images: add 112 to data.image_sizes",
+            )
+
+    def _positions(self, batch_size: int, key: int) -> tuple[Tensor, list[int]]:
+        """(B, Q) token positions drawn per image, scale by scale, from a generator seeded by ``key``."""
+        layout = self.vgg_tokens.layout
+        gen = torch.Generator().manual_seed(key)
+        picks = [
+            offset + torch.rand(batch_size, count, generator=gen).argsort(dim=1)[:, :n]  # (B, n) distinct
+            for offset, count, n in zip(layout.offsets, layout.counts, self.hparams.tokens_per_scale)
+        ]
+        return torch.cat(picks, dim=1).to(self.device), list(self.hparams.tokens_per_scale)
+
+    @torch.no_grad()
+    def _vgg_targets(self, images: Tensor) -> Tensor:
+        """(B, 3, 112, 112) → (B, 7190, 512) VGG tokens, in float32."""
+        return self.vgg_tokens(images).float()
+
+    def _loss(self, batch: dict[str, Tensor], key: int) -> tuple[Tensor, Tensor, Tensor]:
+        """The branch's loss, and the predictions and targets it compared."""
+        if self.hparams.branch == "semantic":
+            pred = self(batch["betas"], batch["voxel_ids"]).float()  # (B, 256, D)
+            target = batch["clip_tokens"]
+            return semantic_mse(pred, target), pred, target
+        query_ids, sizes = self._positions(len(batch["betas"]), key)  # (B, Q)
+        pred = self(batch["betas"], batch["voxel_ids"], query_ids).float()  # (B, Q, 512)
+        tokens = self._vgg_targets(batch["image_112"])  # (B, 7190, 512)
+        target = torch.gather(tokens, 1, query_ids[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, Q, 512)
+        return infonce_per_scale(pred, target, sizes), pred, target
+
+    # ------------------------------------------------------------------------------------------ steps
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        key = (self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
+        loss, _, _ = self._loss(batch, key)
+        self._check_finite(loss, batch, batch_idx)
+        self.log("train/loss", loss, batch_size=len(batch["betas"]), prog_bar=True)
+        return loss
+
+    def _check_finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> None:
+        """Stop with a message naming the step and batch when the loss is NaN/inf on any rank."""
+        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
+        if not finite:
+            ids = batch["nsd_id"].tolist()
+            raise BrainITError(
+                f"non-finite training loss ({float(loss)}) at global step {self.global_step} (epoch "
+                f"{self.current_epoch}, batch {batch_idx} on rank {self.global_rank}; images {ids[:8]}"
+                f"{' ...' if len(ids) > 8 else ''}); nothing from this step was saved — lower model.init_args.lr, "
+                "use 32-true precision, or check the data for NaN betas"
+            )
+
+    def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> None:
+        bs = len(batch["betas"])
+        loss, pred, target = self._loss(batch, key=batch_idx)  # fixed positions: comparable across epochs
+        self.log(f"{stage}/loss", loss, batch_size=bs, sync_dist=True, prog_bar=stage == "val")
+        if stage == "val":
+            self.val_loss.update(loss.detach(), weight=bs)
+        if not self._quality_due(stage):
+            return
+        if self.hparams.branch == "semantic":
+            self.quality[stage].update(pred, target)
+            return
+        positions = self.eval_positions.expand(bs, -1)  # (B, P): only these queries are decoded
+        pred = self(batch["betas"], batch["voxel_ids"], positions)  # (B, P, 512)
+        target = self._vgg_targets(batch["image_112"])[:, self.eval_positions]  # (B, P, 512)
+        self.quality[stage].update(pred, target)
+
+    def _quality_due(self, stage: str) -> bool:
+        return stage == "test" or (self.current_epoch + 1) % self.hparams.quality_every_n_epochs == 0
+
+    def _log_quality(self, stage: str) -> None:
+        if not self._quality_due(stage) or self.trainer.sanity_checking:
+            self.quality[stage].reset()
+            return
+        name = "clip_cos" if self.hparams.branch == "semantic" else "vgg_2way"
+        self.log(f"{stage}/{name}", self.quality[stage].compute(), prog_bar=stage == "val")
+        self.quality[stage].reset()
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_quality("val")
+        value = self.val_loss.compute() if self.val_loss.update_count else None
+        self.val_loss.reset()
+        fitting = self.trainer.state.fn == "fit" and not self.trainer.sanity_checking
+        if fitting and self.trainer.is_last_batch and value is not None:  # the epoch-end validation
+            self.lr_schedulers().step(float(value))
+            self._stepped_epoch = self.current_epoch
+
+    def on_train_epoch_end(self) -> None:
+        # An epoch without validation (no val split, or check_val_every_n_epoch > 1): the warm-up still
+        # advances and the plateau count waits for the next validation.
+        if getattr(self, "_stepped_epoch", None) != self.current_epoch:
+            self.lr_schedulers().step(None)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_quality("test")
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """All predicted tokens of a batch: ``tokens`` (B, N_out, width), ``nsd_id``, ``subject``."""
+        return {
+            "tokens": self(batch["betas"], batch["voxel_ids"]),
+            "nsd_id": batch["nsd_id"],
+            "subject": batch["subject"],
+        }
+
+    # -------------------------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        scheduler = CubicWarmupPlateau(
+            optimizer,
+            warmup_epochs=hp.warmup_epochs,
+            start_factor=hp.warmup_start,
+            mode="min",
+            factor=hp.lr_factor,
+            patience=hp.lr_patience,
+        )
+        # Lightning saves and restores the scheduler; it is stepped in on_validation_epoch_end (see the
+        # module docstring), so Lightning's own step is a no-op (lr_scheduler_step).
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss", "strict": False},
+        }
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """Lightning's epoch-end step: nothing to do, the scheduler was stepped after validation."""
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["brainit_bit"] = {"clusters_sha1": self.clusters_sha1}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse, with the differences named, a checkpoint of another architecture or other clusters."""
+        saved = checkpoint.get("hyper_parameters", {})
+        ours = dict(self.hparams)
+        diffs = [
+            f"{name}: checkpoint {_plain(saved.get(name))} vs config {_plain(ours.get(name))}"
+            for name in ARCHITECTURE_HPARAMS
+            if _plain(saved.get(name)) != _plain(ours.get(name))
+        ]
+        theirs = checkpoint.get("brainit_bit", {}).get("clusters_sha1")
+        if theirs != self.clusters_sha1:
+            diffs.append(f"clusters file sha1: checkpoint {theirs} vs config {self.clusters_sha1}")
+        if diffs:
+            raise BrainITError("the checkpoint was trained with another configuration: " + "; ".join(diffs))
+
+
+def _plain(value: Any) -> Any:
+    """Hparams as plain comparable values (tuples and lists alike, dict keys as ints where they are)."""
+    if isinstance(value, dict):
+        return {int(k) if str(k).isdigit() else k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

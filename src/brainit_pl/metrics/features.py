@@ -1,0 +1,106 @@
+"""How well a model predicts image features from fMRI, before any image is generated.
+
+Two numbers, logged by every feature decoder (BIT, the MindEye2-style and the ridge baselines) under the
+same names, so their runs compare directly in TensorBoard and in ``benchmarks/bit_vs_baselines.py``:
+
+* ``clip_cos``: the mean over images and tokens of the cosine between predicted and true CLIP tokens;
+* ``vgg_2way``: two-way identification (:func:`~brainit_pl.metrics.identification.two_way_identification`)
+  between predicted and true VGG tokens, each image's tokens flattened into one vector. All 7,190 × 512
+  values per image would cost 15 MB an image to keep until ``compute``, so the vectors are taken at a
+  fixed, seeded subset of token positions (:func:`eval_positions`, the same for every model and run).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from brainit_pl.metrics.identification import two_way_identification
+
+# Token positions per VGG scale kept for vgg_2way (of 3136, 3025, 784, 196, 49 at 112²).
+EVAL_TOKENS_PER_SCALE = (64, 64, 64, 32, 16)
+
+
+def eval_positions(
+    counts: Sequence[int], per_scale: Sequence[int] = EVAL_TOKENS_PER_SCALE, seed: int = 0
+) -> Tensor:
+    """A fixed, seeded subset of token positions, ``per_scale[i]`` from each scale of ``counts`` tokens.
+
+    Args:
+        counts: tokens per scale (``VGGTokenLayout.counts``), concatenated in this order.
+        per_scale: positions to keep per scale (capped at the scale's size).
+        seed: seed of the draw (the default keeps every run and model on the same positions).
+
+    Returns:
+        (P,) int64 sorted positions into the concatenated token sequence.
+    """
+    rng = np.random.default_rng(seed)
+    offsets = np.cumsum([0, *counts[:-1]])
+    picks = [
+        offset + np.sort(rng.choice(count, size=min(n, count), replace=False))
+        for offset, count, n in zip(offsets, counts, per_scale, strict=True)
+    ]
+    return torch.from_numpy(np.concatenate(picks).astype(np.int64))
+
+
+def token_cosine(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over tokens of cos(pred, target): (B, T, D) × 2 → (B,) float32."""
+    return F.cosine_similarity(pred.float(), target.float(), dim=-1).mean(dim=1)
+
+
+class TokenCosine(Metric):
+    """Mean token cosine over all images seen (sums, so it syncs across devices)."""
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add (B, T, D) predicted and true tokens."""
+        cos = token_cosine(pred.detach(), target.detach())  # (B,)
+        self.total += cos.double().sum()
+        self.count += len(cos)
+
+    def compute(self) -> Tensor:
+        return (self.total / self.count.clamp_min(1)).float()
+
+
+class TokenTwoWay(Metric):
+    """Two-way identification on flattened token vectors (``cat`` states: every pair is needed at the end).
+
+    Args:
+        positions: (P,) token positions to keep (:func:`eval_positions`), or ``None`` for all tokens.
+    """
+
+    full_state_update = False
+    higher_is_better = True
+
+    def __init__(self, positions: Tensor | None = None, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.positions = positions
+        self.add_state("pred", default=[], dist_reduce_fx="cat")
+        self.add_state("target", default=[], dist_reduce_fx="cat")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add (B, T, D) predicted and true tokens (all T positions; the kept ones are selected here)."""
+        if self.positions is not None:
+            pos = self.positions.to(pred.device)
+            pred, target = pred[:, pos], target[:, pos]  # (B, P, D)
+        self.pred.append(pred.detach().flatten(1).float())
+        self.target.append(target.detach().flatten(1).float())
+
+    def compute(self) -> Tensor:
+        pred, target = dim_zero_cat(self.pred), dim_zero_cat(self.target)
+        if len(pred) < 2:
+            return torch.tensor(float("nan"))
+        return two_way_identification(target, pred).float()
