@@ -77,6 +77,14 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         size="10+ GB",
         what="MindEye2 SDXL-unCLIP checkpoint (sgm DiffusionEngine, unclip6_epoch0_step110000.ckpt)",
     ),
+    # SDXL base for the optional img2img refinement (brainit_pl.recon.refine): an sgm-layout single file; it
+    # also needs the repo's diffusers config folder (JSON + tokenizer files only), see recon/refine.py.
+    "sdxl-base": WeightFile(
+        path="sd_xl_base_1.0.safetensors",
+        url="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+        size="6.94 GB",
+        what="SDXL base 1.0 single-file checkpoint (stabilityai/stable-diffusion-xl-base-1.0)",
+    ),
     # The metric networks' files (brainit_pl.backbones.metric_nets), under their download names.
     "alexnet": WeightFile(
         path="alexnet-owt-7be5be79.pth",
