@@ -47,6 +47,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.models.cluster_job",
         "V2C: cluster voxel embeddings (or coordinates) into functional clusters shared by all subjects",
     ),
+    "reconstruct": (
+        "brainit_pl.recon.reconstruct",
+        "images from fMRI: low-level BIT → DIP, semantic BIT → unCLIP, optional SDXL refinement; scored",
+    ),
     "evaluate": (
         "brainit_pl.metrics.evaluate",
         "score reconstructions against ground-truth images with the standard NSD metrics",

@@ -70,34 +70,64 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; returns the exit status. User errors raise BrainITError."""
-    from tqdm.auto import tqdm
-
     if args.batch_size < 1:
         raise BrainITError(f"--batch-size must be at least 1, got {args.batch_size}")
-    device = resolve_device(args.device)
-    sets = discover(args.recons, args.gt, args.kind)  # every folder problem surfaces before any compute
-    suite = build_eval_suite(
-        args.protocol, nets=args.nets, weights_dir=args.weights_dir, retrieval_seed=args.seed
+    results, paths = evaluate_folders(
+        args.recons,
+        args.gt,
+        args.out,
+        kind=args.kind,
+        nets=args.nets,
+        weights_dir=args.weights_dir,
+        protocol=args.protocol,
+        device=args.device,
+        batch_size=args.batch_size,
+        seed=args.seed,
     )
-    suite = suite.to(device)
+    mean = ", ".join(f"{name} {format_value(name, v)}" for name, v in results["mean"].items())
+    log.info("%s protocol, %d test images; mean: %s", args.protocol, results["n_images"], mean)
+    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def evaluate_folders(
+    recons: Path,
+    gt: Path,
+    out: Path,
+    *,
+    kind: str | None = None,
+    nets: str = "real",
+    weights_dir: Path | None = None,
+    protocol: str = DEFAULT_PROTOCOL,
+    device: str | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+) -> tuple[dict, dict[str, Path]]:
+    """Score the PNG folders (the layouts of :mod:`brainit_pl.metrics.folders`) and write the reports.
+
+    Returns:
+        The results dict (the content of metrics.json) and the report files written in ``out``.
+    """
+    from tqdm.auto import tqdm
+
+    dev = resolve_device(device)
+    sets = discover(recons, gt, kind)  # every folder problem surfaces before any compute
+    suite = build_eval_suite(protocol, nets=nets, weights_dir=weights_dir, retrieval_seed=seed).to(dev)
     per_subject, counts = {}, {}
     for eval_set in sets:
         suite.reset()
         names = eval_set.names
-        batches = [names[i : i + args.batch_size] for i in range(0, len(names), args.batch_size)]
+        batches = [names[i : i + batch_size] for i in range(0, len(names), batch_size)]
         for batch in tqdm(batches, desc=f"evaluate {eval_set.subject}", unit="batch", disable=None):
-            recons = load_images(eval_set.recon_dir, batch).to(device)  # (B, 3, H, W) uint8
-            gt = load_images(eval_set.gt_dir, batch).to(device)
-            suite.update(recons=recons, gt=gt)
+            suite.update(
+                recons=load_images(eval_set.recon_dir, batch).to(dev),  # (B, 3, H, W) uint8
+                gt=load_images(eval_set.gt_dir, batch).to(dev),
+            )
         if eval_set.embeddings is not None:
             brain, image = load_embeddings(eval_set.embeddings, names)
-            suite.update(brain_embeds=brain.to(device), image_embeds=image.to(device))
+            suite.update(brain_embeds=brain.to(dev), image_embeds=image.to(dev))
         per_subject[eval_set.subject] = summarize(suite.compute())
         counts[eval_set.subject] = len(names)
     n_images = len({(eval_set.gt_dir, name) for eval_set in sets for name in eval_set.names})
-    results = make_results(args.protocol, per_subject, n_images)
-    paths = write_reports(args.out, results, nets=args.nets, counts=counts)
-    mean = ", ".join(f"{name} {format_value(name, v)}" for name, v in results["mean"].items())
-    log.info("%s protocol, %d test images; mean: %s", args.protocol, n_images, mean)
-    log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
-    return 0
+    results = make_results(protocol, per_subject, n_images)
+    return results, write_reports(out, results, nets=nets, counts=counts)

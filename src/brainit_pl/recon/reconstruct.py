@@ -1,0 +1,382 @@
+"""``brainit-pl reconstruct``: the shared test images from fMRI, stage by stage (BRAINIT.md §6).
+
+For every test image of every subject (repeats averaged, all voxels):
+
+1. **lowlevel**: the low-level BIT predicts the 7,190 VGG tokens → DIP inversion (:mod:`.dip`);
+2. **semantic**: the semantic BIT predicts the 256 CLIP tokens → unCLIP sampling from the DIP image
+   (:mod:`.unclip`; without ``--lowlevel``, from noise);
+3. **refined** (optional): SDXL img2img on the semantic image (:mod:`.refine`).
+
+Output folder ``OUT``::
+
+    OUT/gt/NNNNN.png                  the 224² stimuli (file name: the 0-based 73k id, 5 digits)
+    OUT/subjNN/<stage>/NNNNN.png      224² reconstructions, stage = lowlevel | semantic | refined
+    OUT/subjNN/<stage>.npz            the same as arrays: nsd_id (N,), images (N, 3, 224, 224) uint8
+    OUT/metrics_<stage>/metrics.*     the metric suite on that stage, a row per subject (evaluate's report)
+    OUT/reconstructions.png           ground truth | stages, the first images of every subject
+    OUT/run.json                      the settings (a resumed run must match them); ``finished`` at the end
+
+An interrupted run continues where it stopped (images whose PNGs all exist are not redone); a finished one
+is refused unless ``--overwrite``. Every PNG is written under a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import pickle
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from brainit_pl.devices import inference_autocast, resolve_device
+from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STAGES = ("lowlevel", "semantic", "refined")
+SIZE = 224  # every stage is saved and scored at the metrics' 224²
+GRID_IMAGES = 6  # images per subject in reconstructions.png
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``brainit-pl reconstruct``."""
+    parser.add_argument("--store", type=Path, required=True, help="the prepared store (its shared images)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument(
+        "--lowlevel", type=Path, help="low-level BIT checkpoint (brainit-pl fit, branch lowlevel)"
+    )
+    parser.add_argument("--semantic", type=Path, help="semantic BIT checkpoint (branch semantic)")
+    parser.add_argument(
+        "--unclip",
+        type=Path,
+        help="MindEye2 unclip6 checkpoint [the weights folder's unclip6_epoch0_step110000.ckpt]",
+    )
+    parser.add_argument("--tiny-unclip", action="store_true", help="random tiny unCLIP twin (smoke tests)")
+    parser.add_argument(
+        "--refine", type=Path, help="SDXL base (single file or diffusers folder): adds `refined`"
+    )
+    parser.add_argument("--tiny-refine", action="store_true", help="random tiny SDXL twin for `refined`")
+    parser.add_argument(
+        "--subjects", type=int, nargs="+", help="subjects to reconstruct [all of the checkpoints']"
+    )
+    parser.add_argument("--limit", type=int, help="at most N test images per subject (quick looks)")
+    parser.add_argument("--dip-steps", type=int, default=1800, help="DIP Adam steps per image [1800]")
+    parser.add_argument("--dip-batch", type=int, default=16, help="images inverted together [16]")
+    parser.add_argument("--batch-size", type=int, default=16, help="test images per step [16]")
+    parser.add_argument(
+        "--nets", choices=("real", "tiny", "none"), default="real", help="metric networks [real]"
+    )
+    parser.add_argument("--weights-dir", type=Path, help="weights folder [$BRAINIT_WEIGHTS]")
+    parser.add_argument("--device", help="torch device [cuda if available, else cpu]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the DIP and diffusion noise [0]")
+    parser.add_argument("--overwrite", action="store_true", help="discard a finished (or other) run in OUT")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``brainit-pl reconstruct`` with parsed ``args``."""
+    reconstruct(**{k: v for k, v in vars(args).items() if k not in ("command", "func")})
+    return 0
+
+
+def reconstruct(
+    store: Path,
+    out: Path,
+    *,
+    lowlevel: Path | None = None,
+    semantic: Path | None = None,
+    unclip: Path | None = None,
+    tiny_unclip: bool = False,
+    refine: Path | None = None,
+    tiny_refine: bool = False,
+    subjects: list[int] | None = None,
+    limit: int | None = None,
+    dip_steps: int = 1800,
+    dip_batch: int = 16,
+    batch_size: int = 16,
+    nets: str = "real",
+    weights_dir: Path | None = None,
+    device: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Reconstruct, save and score the shared test images; see the module docstring.
+
+    Returns:
+        stage → the metrics results dict (empty with ``nets="none"``).
+
+    Raises:
+        BrainITError: no model given, an unreadable or mismatched checkpoint, a finished or different run in
+            ``out`` (without ``overwrite``), bad options.
+    """
+    out = Path(out)
+    require(lowlevel is not None or semantic is not None, "give --lowlevel and/or --semantic checkpoints")
+    require(refine is None or not tiny_refine, "give --refine or --tiny-refine, not both")
+    require(semantic is not None or not (refine or tiny_refine), "the refinement needs the semantic stage")
+    require(dip_steps >= 1 and dip_batch >= 1 and batch_size >= 1, "steps and batch sizes must be >= 1")
+    require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
+    stages = [s for s, on in zip(STAGES, (lowlevel, semantic, refine or tiny_refine)) if on]
+    settings = {
+        "store": str(Path(store).resolve()),
+        "lowlevel": _identity(lowlevel),
+        "semantic": _identity(semantic),
+        "unclip": "tiny" if tiny_unclip else str(unclip or "weights folder"),
+        "refine": "tiny" if tiny_refine else (str(refine) if refine else None),
+        "dip_steps": dip_steps,
+        "seed": seed,
+        "stages": stages,
+    }
+    _claim(out, settings, overwrite)
+    dev = resolve_device(device)
+    models = _Models(lowlevel, semantic, unclip, tiny_unclip, refine, tiny_refine, weights_dir, dev)
+    loader = _test_loader(store, models.n_voxels, batch_size)
+    wanted = set(models.n_voxels if subjects is None else subjects)
+    unknown = wanted - set(models.n_voxels)
+    require(not unknown, f"subjects {sorted(unknown)} are not in the checkpoints' {sorted(models.n_voxels)}")
+    done_per_subject: dict[int, int] = {}
+    from tqdm.auto import tqdm
+
+    for batch in tqdm(loader, desc="reconstruct", unit="batch", disable=None):
+        subject = int(batch["subject"][0])
+        if subject not in wanted:
+            continue
+        keep = []
+        for i, nsd_id in enumerate(batch["nsd_id"].tolist()):
+            if limit is not None and done_per_subject.get(subject, 0) >= limit:
+                break
+            done_per_subject[subject] = done_per_subject.get(subject, 0) + 1
+            if not all((out / f"subj{subject:02d}" / s / _name(nsd_id)).exists() for s in stages):
+                keep.append(i)
+        if keep:
+            rows = torch.tensor(keep)
+            _reconstruct_batch(
+                {k: v[rows] for k, v in batch.items()}, models, stages, out, dip_steps, dip_batch, seed
+            )
+    results = _finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
+    settings["finished"] = True
+    atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
+    log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------ models
+class _Models:
+    """The checkpoints' modules, the diffusion models, and the voxel table they share."""
+
+    def __init__(
+        self, lowlevel, semantic, unclip, tiny_unclip, refine, tiny_refine, weights_dir, dev
+    ) -> None:
+        self.device = dev
+        self.lowlevel = _load_bit(lowlevel, "lowlevel", dev) if lowlevel else None
+        self.semantic = _load_bit(semantic, "semantic", dev) if semantic else None
+        tables = {
+            name: m.n_voxels for name, m in (("lowlevel", self.lowlevel), ("semantic", self.semantic)) if m
+        }
+        require(
+            len({json.dumps(sorted(t.items())) for t in tables.values()}) == 1,
+            f"the checkpoints were trained on different voxel tables: {tables}",
+        )
+        self.n_voxels: dict[int, int] = next(iter(tables.values()))
+        self.sampler = self.refiner = None
+        self.tiny_refine = tiny_refine
+        if self.semantic is not None:
+            from brainit_pl.recon.unclip import UnCLIPSampler, load_unclip
+
+            unet, vae = load_unclip(unclip, tiny=tiny_unclip, weights_dir=weights_dir)
+            width = self.semantic.target_shape[1]
+            require(
+                unet.config.cross_attention_dim == width,
+                f"the semantic BIT predicts {width}-wide CLIP tokens but the unCLIP UNet reads "
+                f"{unet.config.cross_attention_dim}-wide ones (tiny twins pair with tiny twins)",
+            )
+            self.sampler = UnCLIPSampler(unet.to(dev).eval(), vae.to(dev).eval(), progress=False)
+        if refine or tiny_refine:
+            from brainit_pl.recon.refine import build_refiner
+
+            self.refiner = build_refiner(refine, tiny=tiny_refine, weights_dir=weights_dir, device=dev)
+
+
+def _load_bit(path: Path, branch: str, dev: torch.device):
+    """A BITModule checkpoint of ``branch``, in eval mode on ``dev``."""
+    from brainit_pl.lit.bit import BITModule
+
+    path = Path(path)
+    require(path.is_file(), f"checkpoint {path} not found")
+    try:
+        module = BITModule.load_from_checkpoint(path, map_location="cpu")
+    except BrainITError:
+        raise
+    except (
+        KeyError,
+        TypeError,
+        AttributeError,
+        ValueError,
+        RuntimeError,
+        EOFError,
+        pickle.UnpicklingError,
+    ) as err:
+        raise BrainITError(
+            f"{path} is not a BIT checkpoint of `brainit-pl fit` with model BITModule ({type(err).__name__}: {err})"
+        ) from err
+    require(
+        module.hparams.branch == branch,
+        f"{path} is a {module.hparams.branch} BIT checkpoint; --{branch} needs a {branch} one",
+    )
+    return module.to(dev).eval()
+
+
+def _test_loader(store: Path, n_voxels: dict[int, int], batch_size: int):
+    """The shared test images of the checkpoints' subjects: per-subject batches, all voxels, 224² images."""
+    from brainit_pl.data.datamodule import NSDDataModule
+
+    dm = NSDDataModule(
+        str(store), subjects=sorted(n_voxels), image_sizes=[224, 112], eval_batch_size=batch_size
+    )
+    require(
+        dm.n_voxels == n_voxels,
+        f"the store {store} has voxel counts {dm.n_voxels} but the checkpoints were trained on {n_voxels}",
+    )
+    dm.setup("test")
+    return dm.test_dataloader()
+
+
+# ----------------------------------------------------------------------------------------------- stages
+@torch.no_grad()
+def _reconstruct_batch(batch, models: _Models, stages, out: Path, dip_steps: int, dip_batch: int, seed: int):
+    dev = models.device
+    betas, ids = batch["betas"].to(dev), batch["voxel_ids"].to(dev)
+    subject, names = int(batch["subject"][0]), [_name(i) for i in batch["nsd_id"].tolist()]
+    gen = torch.Generator(dev).manual_seed(seed * 100_003 + int(batch["nsd_id"][0]))
+    images: dict[str, torch.Tensor] = {}
+    init = None
+    if models.lowlevel is not None:
+        from brainit_pl.recon.dip import invert_vgg_tokens
+
+        with inference_autocast(dev):
+            tokens = models.lowlevel(betas, ids).float()  # (B, 7190, 512)
+        with torch.enable_grad():  # the DIP optimises its networks
+            init = invert_vgg_tokens(
+                tokens,
+                models.lowlevel.vgg_tokens,
+                steps=dip_steps,
+                batch=dip_batch,
+                seed=seed,
+                progress=False,
+            )
+        images["lowlevel"] = init
+    if models.semantic is not None:
+        with inference_autocast(dev):
+            clip = models.semantic(betas, ids).float()  # (B, 256, D)
+        images["semantic"] = models.sampler(clip, init_images=init, generator=gen)
+    if models.refiner is not None:
+        from brainit_pl.recon.refine import refine
+
+        size = (
+            64 if models.tiny_refine else 768
+        )  # the tiny twin at 768² would cost seconds per image on a CPU
+        images["refined"] = refine(
+            models.refiner, images["semantic"], size=size, generator=gen, progress=False
+        )
+    for stage in stages:
+        _save_pngs(out / f"subj{subject:02d}" / stage, names, _resize(images[stage]))
+    _save_pngs(out / "gt", names, batch["image_224"])
+
+
+def _resize(images: torch.Tensor) -> torch.Tensor:
+    if images.shape[-1] == SIZE:
+        return images
+    return F.interpolate(
+        images.float(), size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False
+    )
+
+
+def _save_pngs(folder: Path, names: list[str], images: torch.Tensor) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = (
+        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    )
+    for name, hwc in zip(names, pixels):
+        with atomic_path(folder / name) as tmp:
+            Image.fromarray(hwc).save(tmp, format="PNG")
+
+
+def _name(nsd_id: int) -> str:
+    return f"{int(nsd_id):05d}.png"
+
+
+# ------------------------------------------------------------------------------------- bookkeeping
+def _identity(path: Path | None) -> dict[str, Any] | None:
+    """What a resumed run must share: a checkpoint's path, size and modification time."""
+    if path is None:
+        return None
+    path = Path(path)
+    require(path.is_file(), f"checkpoint {path} not found")
+    stat = path.stat()
+    return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Start, resume or refuse: a finished or different run in ``out`` needs ``overwrite``."""
+    run_file = out / "run.json"
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    elif run_file.exists():
+        before = json.loads(run_file.read_text())
+        require(
+            not before.pop("finished", False),
+            f"{out} already holds a finished reconstruction; pass --overwrite to redo it (or pick another --out)",
+        )
+        differ = sorted(k for k in settings if before.get(k) != settings[k])
+        require(
+            not differ,
+            f"{out} holds an interrupted run with other settings ({', '.join(differ)}); resume it with the same "
+            "options or pass --overwrite",
+        )
+        log.info("resuming the interrupted run in %s (finished images are kept)", out)
+    elif out.exists() and any(out.iterdir()):
+        raise BrainITError(
+            f"{out} is not empty and holds no reconstruct run; pass --overwrite or another --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_file, json.dumps(settings, indent=2) + "\n")
+
+
+def _finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, device) -> dict[str, Any]:
+    """Arrays, the grid and the metric reports of a complete folder."""
+    from brainit_pl.metrics.evaluate import evaluate_folders
+    from brainit_pl.viz import save_image_grid
+
+    rows: list[list[np.ndarray]] = [[] for _ in range(1 + len(stages))]
+    for subject in subjects:
+        sub = out / f"subj{subject:02d}"
+        names = sorted(p.name for p in (sub / stages[0]).glob("*.png"))
+        for stage in stages:
+            arrays = np.stack([np.asarray(Image.open(sub / stage / n)).transpose(2, 0, 1) for n in names])
+            with atomic_path(sub / f"{stage}.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, nsd_id=np.array([int(n[:-4]) for n in names]), images=arrays)
+        shown = names[:GRID_IMAGES]
+        for row, folder in zip(rows, [out / "gt", *(sub / s for s in stages)]):
+            row.extend(np.asarray(Image.open(folder / n)) for n in shown)
+    if rows[0]:
+        save_image_grid(out / "reconstructions.png", [np.stack(r) for r in rows])
+    results: dict[str, Any] = {}
+    if nets == "none":
+        return results
+    for stage in stages:
+        results[stage], _ = evaluate_folders(
+            out,
+            out / "gt",
+            out / f"metrics_{stage}",
+            kind=stage,
+            nets=nets,
+            weights_dir=weights_dir,
+            device=device,
+        )
+    return results
