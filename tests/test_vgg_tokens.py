@@ -102,3 +102,27 @@ def test_vgg_tokens_resize_other_sizes(vgg_tokens):
         tokens = vgg_tokens(images)
     assert tokens.shape == (1, 7190, 512)
     assert torch.isfinite(tokens).all()
+
+
+def test_slim_twin_keeps_the_token_layout():
+    import pytest
+    import torch
+
+    from brainit_pl.backbones.vgg import VGGTokens, build_vgg
+    from brainit_pl.errors import BrainITError
+
+    slim = VGGTokens(build_vgg(tiny=True, slim=8))
+    full = VGGTokens(build_vgg(tiny=True))
+    assert slim.layout.counts == full.layout.counts and slim.layout.width == 64
+    tokens = slim(torch.rand(2, 3, 112, 112))  # (2, 7190, 64)
+    assert tokens.shape == (2, 7190, 64)
+    maps = slim.to_maps(tokens)
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (8, 112, 112),
+        (16, 56, 56),
+        (32, 28, 28),
+        (64, 14, 14),
+        (64, 7, 7),
+    ]
+    with pytest.raises(BrainITError, match="slim VGGs exist only as the tiny random twin"):
+        build_vgg("weights.pth", slim=8)

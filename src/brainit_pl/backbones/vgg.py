@@ -30,6 +30,7 @@ from brainit_pl.backbones.weights import (
     read_state_dict,
     resolve_weights,
 )
+from brainit_pl.errors import require
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +231,7 @@ def build_vgg(
     tiny: bool = False,
     seed: int = 0,
     weights_dir: str | Path | None = None,
+    slim: int = 1,
 ) -> VGGFeatures:
     """Build frozen VGG16-BN features up to relu5_3.
 
@@ -240,6 +242,9 @@ def build_vgg(
         tiny: build the tiny twin (same layers, random weights) when ``weights`` is ``None``.
         seed: seed of the tiny twin's random weights.
         weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS`` or ``~/.cache/brainit-pl/weights``).
+        slim: divide every conv's channels by this (tiny twin only). VGG16-BN's channel ratios are kept, so
+            the tokens keep their layout (7,190 positions) at width 512 / ``slim``, for ~``slim``² fewer
+            FLOPs: what lets the simulated demo compute low-level targets on the fly on a CPU.
 
     Returns:
         A :class:`VGGFeatures`: images in [0, 1] (B, 3, H, W) → five maps.
@@ -247,9 +252,11 @@ def build_vgg(
     Raises:
         BrainITError: a missing file or a file of another architecture.
     """
+    require(slim >= 1 and 64 % slim == 0, f"slim must divide 64, got {slim}")
+    require(slim == 1 or (tiny and weights is None), "slim VGGs exist only as the tiny random twin")
     if tiny and weights is None:
         with seeded(seed):
-            return VGGFeatures(_features())
+            return VGGFeatures(_features(slim))
     path = resolve_weights("vgg16-bn", weights, weights_dir=weights_dir)
     with torch.device("meta"):
         features = _features()
@@ -260,13 +267,14 @@ def build_vgg(
     return VGGFeatures(features)
 
 
-def _features() -> nn.Sequential:
-    """torchvision's ``vgg16_bn().features`` up to relu5_3 (the final max-pool dropped)."""
+def _features(slim: int = 1) -> nn.Sequential:
+    """torchvision's ``vgg16_bn().features`` up to relu5_3 (the final max-pool dropped), channels / ``slim``."""
     from torchvision.models.vgg import cfgs, make_layers
 
     # make_layers(cfgs["D"], batch_norm=True) is exactly how torchvision's vgg16_bn builds its features,
     # so the keys match its weight file without building the 120M-parameter classifier.
-    return make_layers(cfgs["D"], batch_norm=True)[: TAPS[-1] + 1]
+    cfg = [v if v == "M" else v // slim for v in cfgs["D"]]
+    return make_layers(cfg, batch_norm=True)[: TAPS[-1] + 1]
 
 
 def _out_channels(features: nn.Sequential, index: int) -> int:

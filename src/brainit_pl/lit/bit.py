@@ -81,6 +81,7 @@ class BITModule(L.LightningModule):
         tokens_per_scale: low-level token positions drawn per image and scale.
         vgg_weights: VGG16-BN weight file (``None``: the weights folder, or random for the tiny twin).
         tiny_vgg: use the tiny VGG twin (the real architecture with seeded random weights).
+        vgg_slim: channel divisor of the tiny VGG twin (the demo uses 8: tokens 512/8 wide, ~64× cheaper).
         weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS``).
         lr: AdamW peak learning rate.
         weight_decay: AdamW weight decay.
@@ -109,6 +110,7 @@ class BITModule(L.LightningModule):
         tokens_per_scale: list[int] = list(LOWLEVEL_TOKENS_PER_SCALE),  # noqa: B006 - copied, never mutated
         vgg_weights: str | None = None,
         tiny_vgg: bool = False,
+        vgg_slim: int = 1,
         weights_dir: str | None = None,
         lr: float = 5e-4,
         weight_decay: float = 0.01,
@@ -129,7 +131,9 @@ class BITModule(L.LightningModule):
         if branch == "lowlevel":
             from brainit_pl.backbones.vgg import VGGTokens, build_vgg
 
-            self.vgg_tokens = VGGTokens(build_vgg(vgg_weights, tiny=tiny_vgg, weights_dir=weights_dir))
+            self.vgg_tokens = VGGTokens(
+                build_vgg(vgg_weights, tiny=tiny_vgg, slim=vgg_slim, weights_dir=weights_dir)
+            )
             layout = self.vgg_tokens.layout
             shape = (layout.total, layout.width)
             require(

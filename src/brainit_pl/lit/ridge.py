@@ -47,6 +47,7 @@ class RidgeModule(L.LightningModule):
             by leave-one-out on the training data.
         vgg_weights: VGG16-BN weight file (low-level; ``None``: the weights folder, or random for the twin).
         tiny_vgg: use the tiny random VGG twin (tests, the simulated demo).
+        vgg_slim: channel divisor of the tiny VGG twin (the demo uses 8: tokens 512/8 wide, ~64× cheaper).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class RidgeModule(L.LightningModule):
         alphas: list[float] | None = None,
         vgg_weights: str | None = None,
         tiny_vgg: bool = False,
+        vgg_slim: int = 1,
     ) -> None:
         super().__init__()
         require(branch in BRANCHES, f"RidgeModule.branch must be one of {BRANCHES}, got {branch!r}")
@@ -75,7 +77,9 @@ class RidgeModule(L.LightningModule):
         if branch == "lowlevel":
             from brainit_pl.backbones.vgg import VGGTokens, build_vgg
 
-            self.vgg_tokens = VGGTokens(build_vgg(vgg_weights, tiny=tiny_vgg))  # no state_dict entries
+            self.vgg_tokens = VGGTokens(
+                build_vgg(vgg_weights, tiny=tiny_vgg, slim=vgg_slim)
+            )  # no state_dict entries
             positions = eval_positions(self.vgg_tokens.layout.counts)
             self.register_buffer("positions", positions, persistent=False)  # (P,)
         self.metric_name = "clip_cos" if branch == "semantic" else "vgg_2way"
