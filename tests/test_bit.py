@@ -1,11 +1,15 @@
 """The BIT and the stage-1 losses: reference vectors, tokenizer conventions, gradients, sizes, errors."""
 
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from brainit_pl.errors import BrainITError
 from brainit_pl.models.bit import (
@@ -15,12 +19,14 @@ from brainit_pl.models.bit import (
     BIT_SEMANTIC,
     BIT_TINY,
     BITConfig,
+    ClusterGraphAttention,
     count_parameters,
     first_occurrence,
 )
 from brainit_pl.models.losses import infonce_per_scale, semantic_mse
 
 REFERENCE = Path(__file__).parent / "data" / "brainit_reference.npz"
+BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "bit.py"
 
 
 def _section(prefix: str) -> dict[str, torch.Tensor]:
@@ -60,11 +66,176 @@ def test_reference_case_a_has_duplicates_that_matter(model, ref):
     ids = ref["a/voxel_ids"]
     assert (first_occurrence(ids).sum(1) < ids.shape[1]).all()
     tokens = ref["a/x"][..., None] * model.voxel_embed[ids]
-    counted_twice = model.conv_centers(
-        tokens, model.cluster_of_voxel[ids], torch.ones_like(ids, dtype=torch.bool), model.centers
+    clusters, centers = model.cluster_of_voxel[ids], model.centers
+    counted_twice = model.conv_centers.forward_dense(
+        tokens, clusters, torch.ones_like(ids, dtype=torch.bool), centers
     )
-    once = model.conv_centers(tokens, model.cluster_of_voxel[ids], first_occurrence(ids), model.centers)
+    once = model.conv_centers.forward_dense(tokens, clusters, first_occurrence(ids), centers)
     assert (counted_twice - once).abs().max() > 1e-3
+    efficient = model.conv_centers(ref["a/x"], ids, model.voxel_embed, model.cluster_of_voxel, centers)
+    torch.testing.assert_close(efficient, once, rtol=0, atol=1e-5)
+
+
+def naive_tokenizer(layer, x, voxel_ids, embed, cluster_of_voxel, centers):
+    """The Brain Tokenizer as a loop over samples and clusters: the definition, term by term."""
+    k, d = centers.shape
+    out = []
+    for row, ids in zip(x, voxel_ids.tolist()):
+        first = {}  # id → position of its first copy in the sample
+        for j, voxel in enumerate(ids):
+            first.setdefault(voxel, j)
+        tokens = []
+        for c in range(k):
+            token = layer.lin_skip(centers[c])
+            members = [j for voxel, j in first.items() if cluster_of_voxel[voxel] == c]
+            if members:
+                t = row[members, None] * embed[[ids[j] for j in members]]  # (M, D): t_v = x_v e_v
+                a = torch.softmax(
+                    layer.lin_key(t) @ layer.lin_query(centers[c]) / math.sqrt(d), dim=0
+                )  # (M,)
+                token = token + a @ layer.lin_value(t)
+            tokens.append(token)
+        out.append(torch.stack(tokens))
+    return torch.stack(out)  # (B, K, D)
+
+
+def _tokenizer_inputs(dtype):
+    """B=3, V=37, K=5, D=8, a 23-row table; duplicates, and clusters empty in some samples or in all."""
+    g = torch.Generator().manual_seed(0)
+    b, v, k, d, n = 3, 37, 5, 8, 23
+    layer = ClusterGraphAttention(d).to(dtype)
+    cluster_of_voxel = torch.randint(0, k - 1, (n,), generator=g)  # cluster 4 has no voxel at all
+    cluster_of_voxel[:3] = torch.tensor([0, 1, 2])
+    allowed = [torch.arange(n), torch.nonzero(cluster_of_voxel != 2).flatten(), torch.arange(n)]
+    voxel_ids = torch.stack([a[torch.randint(0, len(a), (v,), generator=g)] for a in allowed])  # (B, V)
+    # copies of a voxel in a sample share its activation, as with sampling with replacement
+    x = torch.randn(n, generator=g, dtype=dtype)[voxel_ids] + torch.randn(b, 1, generator=g, dtype=dtype)
+    embed = torch.randn(n, d, generator=g, dtype=dtype).requires_grad_()
+    centers = torch.randn(k, d, generator=g, dtype=dtype).requires_grad_()
+    return layer, x.requires_grad_(), voxel_ids, embed, cluster_of_voxel, centers
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_tokenizer_equals_dense_and_loop_with_gradients(dtype, atol):
+    layer, x, ids, embed, cluster_of_voxel, centers = _tokenizer_inputs(dtype)
+    clusters = cluster_of_voxel[ids]  # (B, V)
+    assert (first_occurrence(ids).sum(1) < ids.shape[1]).all()  # every sample repeats some voxels
+    assert not (clusters[1] == 2).any() and not (clusters == 4).any()  # empty clusters
+    inputs = [x, embed, centers, *layer.parameters()]
+    weights = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+    def value_and_grads(out):
+        return out, torch.autograd.grad((out * weights).sum(), inputs)
+
+    efficient = value_and_grads(layer(x, ids, embed, cluster_of_voxel, centers))
+    tokens = x[..., None] * embed[ids]  # (B, V, D)
+    dense = value_and_grads(layer.forward_dense(tokens, clusters, first_occurrence(ids), centers))
+    loop = value_and_grads(naive_tokenizer(layer, x, ids, embed, cluster_of_voxel, centers))
+    # empty clusters get the skip path alone: no value bias
+    torch.testing.assert_close(efficient[0][1, 2], layer.lin_skip(centers[2]), rtol=0, atol=atol)
+    for (out, grads), tol in ((loop, atol), (dense, 1e-5)):  # dense: its softmax is always float32
+        torch.testing.assert_close(efficient[0], out, rtol=0, atol=tol)
+        for got, expected in zip(efficient[1], grads):
+            torch.testing.assert_close(got, expected, rtol=0, atol=tol)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the most elements of any tensor an aten op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_tokenizer_never_builds_a_voxels_by_width_tensor():
+    b, v, k, d, n = 4, 300, 6, 16, 50  # B·V·D = 19,200; table N·D = 800; N·K = 300; B·V = 1,200
+    g = torch.Generator().manual_seed(0)
+    layer = ClusterGraphAttention(d)
+    embed, centers = torch.randn(n, d, requires_grad=True), torch.randn(k, d, requires_grad=True)
+    cluster_of_voxel, ids = torch.randint(0, k, (n,), generator=g), torch.randint(0, n, (b, v), generator=g)
+    x = torch.randn(b, v, requires_grad=True)
+    with LargestTensor() as efficient:
+        layer(x, ids, embed, cluster_of_voxel, centers).square().sum().backward()
+    with LargestTensor() as dense:
+        tokens = x[..., None] * embed[ids]
+        layer.forward_dense(
+            tokens, cluster_of_voxel[ids], first_occurrence(ids), centers
+        ).square().sum().backward()
+    assert dense.largest >= b * v * d
+    assert efficient.largest <= max(b * v, n * d, b * k * d)
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    labels = np.arange(40) % BIT_TINY.n_clusters
+    plain = BIT(BIT_TINY, labels)
+    checkpointed = BIT(BIT_TINY, labels, gradient_checkpointing=True)
+    checkpointed.load_state_dict(plain.state_dict())
+    x, ids = torch.randn(3, 25), torch.randint(0, 40, (3, 25))
+    queries = torch.randint(0, BIT_TINY.n_out, (3, 4))
+    weights = torch.randn(3, 4, BIT_TINY.out_dim)
+    results = []
+    for model in (plain, checkpointed):
+        calls = []
+        for block in [*model.blocks, *model.block_crosses]:
+            # a pre-hook: the recomputation stops once it has what backward needs, before any post-hook
+            block.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))
+        out = model(x, ids, queries)
+        (out * weights).sum().backward()
+        results.append((out, {name: p.grad for name, p in model.named_parameters()}, len(calls)))
+    (out, grads, n_plain), (out_ckpt, grads_ckpt, n_ckpt) = results
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_ckpt[name], grad, rtol=0, atol=1e-6, msg=name)
+    n_blocks = BIT_TINY.n_self + BIT_TINY.n_cross
+    assert (n_plain, n_ckpt) == (n_blocks, 2 * n_blocks)  # each checkpointed block ran again in backward
+    with torch.no_grad():  # nothing to recompute without gradients
+        torch.testing.assert_close(checkpointed(x, ids, queries), out.detach(), rtol=0, atol=1e-6)
+
+
+def test_init_voxels_from_copies_rows():
+    bit = BIT(BIT_TINY, np.arange(12) % BIT_TINY.n_clusters)
+    before = bit.voxel_embed.detach().clone()
+    # row 2 is both a source and a target: the sources are read before any write
+    bit.init_voxels_from(torch.tensor([9, 10, 2]), torch.tensor([2, 2, 9]))
+    expected = before.clone()
+    expected[[9, 10, 2]] = before[[2, 2, 9]]
+    assert torch.equal(bit.voxel_embed.detach(), expected)
+    assert bit.voxel_embed.requires_grad and bit.voxel_embed.grad is None
+    bit.init_voxels_from(np.array([0]), np.array([11]))  # numpy ids work too
+    assert torch.equal(bit.voxel_embed[0].detach(), before[11])
+    with pytest.raises(BrainITError, match="repeats"):
+        bit.init_voxels_from(torch.tensor([3, 3]), torch.tensor([0, 1]))
+    with pytest.raises(BrainITError, match="same"):
+        bit.init_voxels_from(torch.tensor([3, 4]), torch.tensor([0]))
+    with pytest.raises(BrainITError, match="outside"):
+        bit.init_voxels_from(torch.tensor([12]), torch.tensor([0]))
+    with pytest.raises(BrainITError, match="integer"):
+        bit.init_voxels_from(torch.tensor([1.0]), torch.tensor([0]))
+
+
+def test_benchmark_quick_run_prints_the_ratios():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARK), "--quick", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    ratios = [line for line in done.stdout.splitlines() if line.startswith("ratio ")]
+    assert [line.split(":")[0] for line in ratios] == [
+        f"ratio {preset} {variant}/dense"
+        for preset in ("semantic", "lowlevel")
+        for variant in ("efficient", "efficient+ckpt")
+    ]
+    assert all("speed ×" in line and "peak memory ×" in line for line in ratios)
 
 
 def test_first_occurrence():

@@ -2,7 +2,9 @@
 
 1. Voxel tokens: t_v = x_v · e_v, a learned embedding per global voxel scaled by its activation.
 2. Brain Tokenizer: one token per functional cluster k, pooled from the voxels of k by single-head graph
-   attention with a root (skip) weight; ReLU; LayerNorm.
+   attention with a root (skip) weight; ReLU; LayerNorm. The voxel tokens are never materialised: the
+   attention is rewritten on x and the embedding table (``ClusterGraphAttention``), so its memory does not
+   grow as B·V·D.
 3. Cross-Transformer: self-attention blocks among the K brain tokens, interleaved with cross blocks in
    which learned output queries read the brain tokens; a linear head gives the image features.
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from brainit_pl.errors import require
 
@@ -100,10 +103,19 @@ def first_occurrence(ids: Tensor) -> Tensor:
 class ClusterGraphAttention(nn.Module):
     """Single-head graph attention on the bipartite graph voxel v → its cluster k(v), with a root weight.
 
-    B_k = W_skip c_k + Σ_{v ∈ k} softmax_v((W_q c_k)·(W_k t_v)/√D) W_v t_v — torch_geometric's
-    ``TransformerConv(heads=1, root_weight=True)`` as the authors use it, written as a segment softmax in
-    plain torch (``scatter_reduce``/``index_add_``) to avoid a torch_scatter/torch_geometric dependency
-    for one layer. A cluster with no voxel in a sample gets W_skip c_k.
+    B_k = W_skip c_k + Σ_{v ∈ k} softmax_v((W_q c_k)·(W_k t_v)/√D) W_v t_v with t_v = x_v e_v —
+    torch_geometric's ``TransformerConv(heads=1, root_weight=True)`` as the authors use it, written as a
+    segment softmax in plain torch to avoid a torch_scatter/torch_geometric dependency for one layer.
+    Duplicate voxels of a sample count once; a cluster with no voxel in a sample gets W_skip c_k.
+
+    :meth:`forward` never builds a (B, V, D) tensor. The projections are affine and t_v is a scalar times
+    a table row, so with q_k = W_q c_k + b_q, u_k = W_kᵀ q_k and β_k = q_k·b_k:
+
+        logit_v = q_k·(W_k t_v + b_k)/√D = (x_v (u_k·e_v) + β_k)/√D      — (B, V) work, u_k·e_v per table row
+        Σ_v a_v (W_v t_v + b_v) = W_v (Σ_v a_v x_v e_v) + b_v Σ_v a_v    — Σ_v a_v x_v e_v by embedding_bag
+
+    :meth:`forward_dense` is the direct (B, V, D) form, kept as the reference the tests and
+    ``benchmarks/bit.py`` compare against.
 
     Args:
         dim: width D.
@@ -114,8 +126,64 @@ class ClusterGraphAttention(nn.Module):
         self.lin_key, self.lin_query = nn.Linear(dim, dim), nn.Linear(dim, dim)
         self.lin_value, self.lin_skip = nn.Linear(dim, dim), nn.Linear(dim, dim)
 
-    def forward(self, tokens: Tensor, clusters: Tensor, keep: Tensor, centers: Tensor) -> Tensor:
-        """Pool voxel tokens into one token per cluster.
+    def forward(
+        self, x: Tensor, voxel_ids: Tensor, embed: Tensor, cluster_of_voxel: Tensor, centers: Tensor
+    ) -> Tensor:
+        """Pool the voxels of each cluster into one token, in O(B·V + N·D + B·K·D) memory.
+
+        Args:
+            x: (B, V) activations x_v.
+            voxel_ids: (B, V) rows of ``embed``; a repeated id within a row counts once (same x assumed).
+            embed: (N, D) voxel embedding table e (all subjects).
+            cluster_of_voxel: (N,) cluster of every table row, in [0, K).
+            centers: (K, D) cluster embeddings c_k.
+
+        Returns:
+            (B, K, D) brain tokens before the ReLU.
+        """
+        b, (n, d), k = x.shape[0], embed.shape, centers.shape[0]
+        # One sort per sample groups its entries by cluster, the bags of embedding_bag, and puts equal ids
+        # side by side inside a cluster, so the duplicates fall out of the same pass; stable, so the copy
+        # that counts is the first, as in first_occurrence. Flattened, the entries are in (sample,
+        # cluster, id) order. (Per sample: a 1-D sort of all B·V keys is much slower on CPU.)
+        key, order = torch.sort(cluster_of_voxel[voxel_ids] * n + voxel_ids, dim=1, stable=True)  # (B, V)
+        sample = torch.arange(b, device=x.device)[:, None]  # (B, 1)
+        seg, ids = (key // n + k * sample).flatten(), (key % n).flatten()  # (B·V,): segment b·K + k, id
+        keep = torch.ones_like(key, dtype=torch.bool)  # (B, V): first copy of each id of a sample
+        keep[:, 1:] = key[:, 1:] != key[:, :-1]
+        # Scores, softmax and the weighted sum run in the parameters' precision (float32) even under
+        # bf16/fp16 autocast: a cluster's sum over hundreds of voxels would lose precision, and the
+        # matmuls here are small.
+        with torch.autocast(x.device.type, enabled=False):
+            xs = torch.gather(x, 1, order).flatten().to(embed.dtype)  # (B·V,)
+            q = self.lin_query(centers)  # (K, D)
+            u, beta = q @ self.lin_key.weight, q @ self.lin_key.bias  # (K, D), (K,)
+            # u_k·e_n for every table row n and its own cluster k(n), a batch-independent cost. One
+            # (N, D) × (D, K) matmul and a gather: autograd keeps an (N, K) tensor at most, where
+            # (embed * u[cluster_of_voxel]).sum(-1) would keep an (N, D) gather until the backward.
+            score = (embed @ u.T).gather(1, cluster_of_voxel[:, None]).squeeze(1)  # (N,)
+            logits = (xs * score[ids] + beta[seg % k]) / math.sqrt(d)  # (B·V,)
+            logits = logits.masked_fill(~keep.flatten(), float("-inf"))
+            # Segment softmax: subtract each segment's max for stability, as torch_geometric does; the
+            # softmax does not depend on that shift, so it is detached (no gradient through the max).
+            peak = logits.new_full((b * k,), float("-inf"))
+            peak = peak.scatter_reduce(0, seg, logits, reduce="amax", include_self=True)  # (B·K,)
+            weight = torch.exp(logits - peak[seg].detach())  # (B·V,), 0 at dropped copies
+            total = weight.new_zeros(b * k).index_add_(0, seg, weight)  # (B·K,), ≥ 1 unless empty
+            attn = weight / total[seg]  # (B·V,) a_v
+            # Σ_v a_v x_v e_v per segment: embedding_bag reads the rows of ``embed`` in place, in forward
+            # and backward, where gathering them would cost (B·V, D). An empty bag sums to 0.
+            offsets = torch.searchsorted(seg, torch.arange(b * k, device=x.device))  # (B·K,) bag starts
+            mix = F.embedding_bag(ids, embed, offsets, mode="sum", per_sample_weights=attn * xs)  # (B·K, D)
+        # W_v mix + b_v Σ_v a_v: the softmax sums to 1 over a non-empty cluster and an empty one has no
+        # term at all, so the value bias is added to the non-empty clusters only (as in the dense form).
+        pooled = self.lin_value(mix).masked_fill((total == 0)[:, None], 0)  # (B·K, D)
+        return pooled.view(b, k, d) + self.lin_skip(centers)  # (B, K, D)
+
+    def forward_dense(self, tokens: Tensor, clusters: Tensor, keep: Tensor, centers: Tensor) -> Tensor:
+        """The direct form of :meth:`forward` on materialised voxel tokens: (B, V, D) keys and values.
+
+        The tests and the benchmark compare against it; it also lets a caller choose which copies count.
 
         Args:
             tokens: (B, V, D) voxel tokens t_v.
@@ -135,8 +203,6 @@ class ClusterGraphAttention(nn.Module):
         logits = (q[clusters] * keys).sum(-1).float() / math.sqrt(d)  # (B, V)
         logits = logits.masked_fill(~keep, float("-inf"))
         segment = (clusters + k * torch.arange(b, device=clusters.device)[:, None]).flatten()  # (B·V,)
-        # Segment softmax: subtract each (sample, cluster)'s max for stability, as torch_geometric does;
-        # the softmax does not depend on that shift, so it is detached (no gradient through the max).
         peak = logits.new_full((b * k,), float("-inf"))
         peak = peak.scatter_reduce(0, segment, logits.flatten(), reduce="amax", include_self=True)  # (B·K,)
         weight = torch.exp(logits.flatten() - peak[segment].detach())  # (B·V,), 0 at dropped voxels
@@ -220,10 +286,16 @@ class BIT(nn.Module):
         cluster_of_voxel: (total_voxels,) V2C cluster of every global voxel (all subjects, global order as
             in :class:`~brainit_pl.models.v2c.ClusterMap`). A non-persistent buffer: the assignment is data
             (``clusters.npz``), given at construction like the voxel count, so checkpoints hold weights only.
+        gradient_checkpointing: recompute the activations of each self and cross block in the backward
+            pass instead of keeping them (training only). A module attribute, not part of the config, so
+            weights and reference checkpoints load the same way with or without it.
     """
 
-    def __init__(self, config: BITConfig, cluster_of_voxel: np.ndarray | Tensor) -> None:
+    def __init__(
+        self, config: BITConfig, cluster_of_voxel: np.ndarray | Tensor, gradient_checkpointing: bool = False
+    ) -> None:
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         # Checked in numpy, so that building on the ``meta`` device (counting parameters) works too.
         labels = np.asarray(
             cluster_of_voxel.cpu() if isinstance(cluster_of_voxel, Tensor) else cluster_of_voxel
@@ -266,10 +338,9 @@ class BIT(nn.Module):
             f"BIT expects x and voxel_ids of the same (B, V) shape, got {tuple(x.shape)} and "
             f"{tuple(voxel_ids.shape)}",
         )
-        tokens = x[..., None] * self.voxel_embed[voxel_ids]  # (B, V, D): t_v = x_v · e_v
-        keep = first_occurrence(voxel_ids)  # (B, V)
-        brain = self.conv_centers(tokens, self.cluster_of_voxel[voxel_ids], keep, self.centers)  # (B, K, D)
-        return self.norm_centers(F.relu(brain))
+        # t_v = x_v · e_v is never materialised: the tokenizer works on x and the table directly.
+        brain = self.conv_centers(x, voxel_ids, self.voxel_embed, self.cluster_of_voxel, self.centers)
+        return self.norm_centers(F.relu(brain))  # (B, K, D)
 
     def forward(self, x: Tensor, voxel_ids: Tensor, query_ids: Tensor | None = None) -> Tensor:
         """Predicted image tokens.
@@ -292,11 +363,56 @@ class BIT(nn.Module):
                 f"query_ids must be (B={len(x)}, Q), got {tuple(query_ids.shape)}",
             )
             queries = self.pred_tokens[query_ids]  # (B, Q, D)
-        queries = queries + self.block_crosses[0](brain, queries)
+        queries = queries + self._run(self.block_crosses[0], brain, queries)
         for block, cross in zip(self.blocks, self.block_crosses[1:]):
-            brain = block(brain)
-            queries = queries + cross(brain, queries)
+            brain = self._run(block, brain)
+            queries = queries + self._run(cross, brain, queries)
         return self.proj(queries)
+
+    def _run(self, block: nn.Module, *inputs: Tensor) -> Tensor:
+        """``block(*inputs)``, through activation checkpointing when it is on and gradients are recorded."""
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant, as torch recommends: it handles inputs that do not require grad and replays
+            # the forward's autocast state in the recomputation.
+            return checkpoint(block, *inputs, use_reentrant=False)
+        return block(*inputs)
+
+    @torch.no_grad()
+    def init_voxels_from(self, target_ids: Tensor, source_ids: Tensor) -> None:
+        """Copy voxel embeddings from source rows to target rows, e_target ← e_source.
+
+        Initialises a new subject's voxels from their nearest reference voxels (BRAINIT.md §3, §7), which
+        trains better than the random init. The cluster of each voxel is not touched: it comes from V2C
+        (the same nearest neighbour) through ``cluster_of_voxel`` at construction.
+
+        Args:
+            target_ids: (M,) global ids of the voxels to initialise, each at most once.
+            source_ids: (M,) global ids whose embeddings they take. All sources are read before any target
+                is written, so a row may be both.
+        """
+        target, source = torch.as_tensor(target_ids), torch.as_tensor(source_ids)
+        n = len(self.voxel_embed)
+        require(
+            target.ndim == 1 and target.shape == source.shape,
+            f"init_voxels_from expects target_ids and source_ids of the same (M,) shape, got "
+            f"{tuple(target.shape)} and {tuple(source.shape)}",
+        )
+        for name, ids in (("target_ids", target), ("source_ids", source)):
+            require(
+                not ids.is_floating_point() and not ids.is_complex(),
+                f"init_voxels_from: {name} must hold integer ids, got {ids.dtype}",
+            )
+            require(
+                bool(((ids >= 0) & (ids < n)).all()),
+                f"init_voxels_from: {name} holds ids outside [0, {n}) (the voxel table's rows)",
+            )
+        require(
+            len(torch.unique(target)) == len(target),
+            "init_voxels_from: target_ids repeats an id, so its source would be ambiguous",
+        )
+        device = self.voxel_embed.device
+        # the right side is a gather (a copy), so overlapping sources and targets read the old rows
+        self.voxel_embed[target.to(device)] = self.voxel_embed[source.to(device)]
 
 
 def count_parameters(module: nn.Module, exclude: tuple[str, ...] = ("voxel_embed",)) -> int:
