@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -35,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from brainit_pl.devices import inference_autocast, resolve_device
+from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path, atomic_write_text
+from brainit_pl.recon.chain import Reconstructor
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,10 @@ def reconstruct(
     }
     _claim(out, settings, overwrite)
     dev = resolve_device(device)
-    models = _Models(lowlevel, semantic, unclip, tiny_unclip, refine, tiny_refine, weights_dir, dev)
+    models = Reconstructor.from_checkpoints(
+        lowlevel, semantic, unclip=unclip, tiny_unclip=tiny_unclip, refine=refine, tiny_refine=tiny_refine,
+        weights_dir=weights_dir, device=dev, dip_steps=dip_steps, dip_batch=dip_batch, seed=seed,
+    )  # fmt: skip
     loader = _test_loader(store, models.n_voxels, batch_size)
     wanted = set(models.n_voxels if subjects is None else subjects)
     unknown = wanted - set(models.n_voxels)
@@ -156,80 +159,13 @@ def reconstruct(
                 keep.append(i)
         if keep:
             rows = torch.tensor(keep)
-            _reconstruct_batch(
-                {k: v[rows] for k, v in batch.items()}, models, stages, out, dip_steps, dip_batch, seed
-            )
+            part = {k: v[rows] for k, v in batch.items()}
+            _save_batch(out, part, models(part))
     results = _finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
     settings["finished"] = True
     atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
     log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
     return results
-
-
-# ------------------------------------------------------------------------------------------------ models
-class _Models:
-    """The checkpoints' modules, the diffusion models, and the voxel table they share."""
-
-    def __init__(
-        self, lowlevel, semantic, unclip, tiny_unclip, refine, tiny_refine, weights_dir, dev
-    ) -> None:
-        self.device = dev
-        self.lowlevel = _load_bit(lowlevel, "lowlevel", dev) if lowlevel else None
-        self.semantic = _load_bit(semantic, "semantic", dev) if semantic else None
-        tables = {
-            name: m.n_voxels for name, m in (("lowlevel", self.lowlevel), ("semantic", self.semantic)) if m
-        }
-        require(
-            len({json.dumps(sorted(t.items())) for t in tables.values()}) == 1,
-            f"the checkpoints were trained on different voxel tables: {tables}",
-        )
-        self.n_voxels: dict[int, int] = next(iter(tables.values()))
-        self.sampler = self.refiner = None
-        self.tiny_refine = tiny_refine
-        if self.semantic is not None:
-            from brainit_pl.recon.unclip import UnCLIPSampler, load_unclip
-
-            unet, vae = load_unclip(unclip, tiny=tiny_unclip, weights_dir=weights_dir)
-            width = self.semantic.target_shape[1]
-            require(
-                unet.config.cross_attention_dim == width,
-                f"the semantic BIT predicts {width}-wide CLIP tokens but the unCLIP UNet reads "
-                f"{unet.config.cross_attention_dim}-wide ones (tiny twins pair with tiny twins)",
-            )
-            self.sampler = UnCLIPSampler(unet.to(dev).eval(), vae.to(dev).eval(), progress=False)
-        if refine or tiny_refine:
-            from brainit_pl.recon.refine import build_refiner
-
-            self.refiner = build_refiner(refine, tiny=tiny_refine, weights_dir=weights_dir, device=dev)
-
-
-def _load_bit(path: Path, branch: str, dev: torch.device):
-    """A BITModule checkpoint of ``branch``, in eval mode on ``dev``."""
-    from brainit_pl.lit.bit import BITModule
-
-    path = Path(path)
-    require(path.is_file(), f"checkpoint {path} not found")
-    try:
-        module = BITModule.load_from_checkpoint(path, map_location="cpu")
-    except BrainITError:
-        raise
-    except (
-        KeyError,
-        TypeError,
-        AttributeError,
-        ValueError,
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-    ) as err:
-        raise BrainITError(
-            f"{path} is not a BIT checkpoint of `brainit-pl fit` with model BITModule ({type(err).__name__}: {err})"
-        ) from err
-    require(
-        module.hparams.branch == branch,
-        f"{path} is a {module.hparams.branch} BIT checkpoint; --{branch} needs a {branch} one",
-    )
-    return module.to(dev).eval()
 
 
 def _test_loader(store: Path, n_voxels: dict[int, int], batch_size: int):
@@ -247,45 +183,12 @@ def _test_loader(store: Path, n_voxels: dict[int, int], batch_size: int):
     return dm.test_dataloader()
 
 
-# ----------------------------------------------------------------------------------------------- stages
-@torch.no_grad()
-def _reconstruct_batch(batch, models: _Models, stages, out: Path, dip_steps: int, dip_batch: int, seed: int):
-    dev = models.device
-    betas, ids = batch["betas"].to(dev), batch["voxel_ids"].to(dev)
+# ----------------------------------------------------------------------------------------------- files
+def _save_batch(out: Path, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> None:
+    """Every stage's images of a batch (one subject) and its ground truth, as 224² PNGs."""
     subject, names = int(batch["subject"][0]), [_name(i) for i in batch["nsd_id"].tolist()]
-    gen = torch.Generator(dev).manual_seed(seed * 100_003 + int(batch["nsd_id"][0]))
-    images: dict[str, torch.Tensor] = {}
-    init = None
-    if models.lowlevel is not None:
-        from brainit_pl.recon.dip import invert_vgg_tokens
-
-        with inference_autocast(dev):
-            tokens = models.lowlevel(betas, ids).float()  # (B, 7190, 512)
-        with torch.enable_grad():  # the DIP optimises its networks
-            init = invert_vgg_tokens(
-                tokens,
-                models.lowlevel.vgg_tokens,
-                steps=dip_steps,
-                batch=dip_batch,
-                seed=seed,
-                progress=False,
-            )
-        images["lowlevel"] = init
-    if models.semantic is not None:
-        with inference_autocast(dev):
-            clip = models.semantic(betas, ids).float()  # (B, 256, D)
-        images["semantic"] = models.sampler(clip, init_images=init, generator=gen)
-    if models.refiner is not None:
-        from brainit_pl.recon.refine import refine
-
-        size = (
-            64 if models.tiny_refine else 768
-        )  # the tiny twin at 768² would cost seconds per image on a CPU
-        images["refined"] = refine(
-            models.refiner, images["semantic"], size=size, generator=gen, progress=False
-        )
-    for stage in stages:
-        _save_pngs(out / f"subj{subject:02d}" / stage, names, _resize(images[stage]))
+    for stage, pixels in images.items():
+        _save_pngs(out / f"subj{subject:02d}" / stage, names, _resize(pixels))
     _save_pngs(out / "gt", names, batch["image_224"])
 
 
