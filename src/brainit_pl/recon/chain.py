@@ -116,9 +116,12 @@ class Reconstructor:
             with inference_autocast(dev):
                 tokens = self.lowlevel(betas, ids).float()  # (B, 7190, width)
             self.lowlevel.train(was_training)
-            with torch.enable_grad():  # the DIP optimises its own networks
+            # The DIP optimises its own networks: gradients on, also inside Lightning's inference mode
+            # (validation/test hooks), with the targets cloned out of it (inference tensors can't be saved
+            # for backward).
+            with torch.inference_mode(False), torch.enable_grad():
                 init = invert_vgg_tokens(
-                    tokens,
+                    tokens.clone(),
                     self.lowlevel.vgg_tokens,
                     steps=self.dip_steps,
                     batch=self.dip_batch,

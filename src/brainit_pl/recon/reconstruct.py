@@ -160,8 +160,8 @@ def reconstruct(
         if keep:
             rows = torch.tensor(keep)
             part = {k: v[rows] for k, v in batch.items()}
-            _save_batch(out, part, models(part))
-    results = _finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
+            save_batch(out, part, models(part))
+    results = finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
     settings["finished"] = True
     atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
     log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
@@ -184,7 +184,7 @@ def _test_loader(store: Path, n_voxels: dict[int, int], batch_size: int):
 
 
 # ----------------------------------------------------------------------------------------------- files
-def _save_batch(out: Path, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> None:
+def save_batch(out: Path, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> None:
     """Every stage's images of a batch (one subject) and its ground truth, as 224² PNGs."""
     subject, names = int(batch["subject"][0]), [_name(i) for i in batch["nsd_id"].tolist()]
     for stage, pixels in images.items():
@@ -251,7 +251,7 @@ def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     atomic_write_text(run_file, json.dumps(settings, indent=2) + "\n")
 
 
-def _finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, device) -> dict[str, Any]:
+def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, device) -> dict[str, Any]:
     """Arrays, the grid and the metric reports of a complete folder."""
     from brainit_pl.metrics.evaluate import evaluate_folders
     from brainit_pl.viz import save_image_grid

@@ -1,0 +1,56 @@
+"""ReconstructionCallback on a low-level BIT run: validation previews in TensorBoard, test reconstructions."""
+
+import json
+from pathlib import Path
+
+from brainit_pl.cli import main
+from test_bit_lit import LOWLEVEL, _args, _scalars
+from test_reconstruct import checkpoints  # noqa: F401 - the module fixture of trained checkpoints
+
+
+def _callbacks(path: Path, semantic: Path) -> str:
+    path.write_text(
+        f"""trainer:
+  callbacks:
+    - class_path: lightning.pytorch.callbacks.ModelCheckpoint
+      init_args: {{monitor: val/loss, mode: min, save_last: true}}
+    - class_path: brainit_pl.recon.callback.ReconstructionCallback
+      init_args:
+        every_n_epochs: 1
+        n_images: 3
+        other: {semantic}
+        tiny_unclip: true
+        dip_steps: 2
+        test_dip_steps: 2
+        nets: tiny
+"""
+    )
+    return str(path)
+
+
+def test_previews_and_test_reconstructions(bit_store, checkpoints, tmp_path):  # noqa: F811
+    _, semantic = checkpoints
+    extra = (
+        "--config",
+        _callbacks(tmp_path / "cb.yaml", semantic),
+        *LOWLEVEL,
+        "--data.image_sizes",
+        "[112,224]",
+    )
+    short = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
+    assert main(_args(bit_store, tmp_path / "fit", *extra, *short)) == 0
+    logged = _scalars(tmp_path / "fit")
+    for stage in ("lowlevel", "semantic"):
+        assert (
+            -1 <= logged[f"val/recon_{stage}_pixcorr"][0] <= 1 and len(logged[f"val/recon_{stage}_ssim"]) == 1
+        )
+
+    ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
+    test = ("--ckpt_path", str(ckpt), "--data.test_average_repeats", "true")
+    assert main(_args(bit_store, tmp_path / "test", *extra, *test, command="test")) == 0
+    (out,) = (tmp_path / "test").rglob("reconstruct")
+    for stage in ("lowlevel", "semantic"):
+        assert len(list((out / "subj01" / stage).glob("*.png"))) == 10  # the tiny preset's shared images
+        results = json.loads((out / f"metrics_{stage}" / "metrics.json").read_text())
+        assert set(results["per_subject"]) == {"subj01", "subj02"}
+    assert "test_lowlevel/pixcorr" in _scalars(tmp_path / "test")
