@@ -21,11 +21,13 @@ $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the pinned stack + brainit-pl (editable)
 
+# One torch thread per process: the tests run tiny models (thread sync costs more than it saves) and the DDP
+# tests start two processes on two cores.
 test: $(STAMP)  ## fast CPU test suite (tiny presets, tiny twins)
-	$(BIN)/pytest -q
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q
 
 test-slow: $(STAMP)  ## the heavier tests too
-	$(BIN)/pytest -q -m "slow and not gpu"
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "slow and not gpu"
 
 lint: $(STAMP)  ## ruff lint + format check
 	$(BIN)/ruff check src tests benchmarks

@@ -22,6 +22,7 @@ def _callbacks(path: Path, semantic: Path) -> str:
         tiny_unclip: true
         dip_steps: 2
         test_dip_steps: 2
+        dip_channels: 16
         nets: tiny
 """
     )

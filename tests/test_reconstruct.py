@@ -10,7 +10,20 @@ from PIL import Image
 from brainit_pl.cli import main
 from test_bit_lit import LOWLEVEL, _args
 
-QUICK = ("--dip-steps", "3", "--limit", "2", "--batch-size", "4", "--nets", "tiny", "--device", "cpu")
+QUICK = (
+    "--dip-steps",
+    "3",
+    "--dip-channels",
+    "16",
+    "--limit",
+    "2",
+    "--batch-size",
+    "4",
+    "--nets",
+    "tiny",
+    "--device",
+    "cpu",
+)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ class ReconstructionCallback(Callback):
         dip_steps: DIP steps per image at validation (a preview: fewer than the 1,800 of the method).
         test_dip_steps: DIP steps per image at test.
         dip_batch: images inverted together.
+        dip_channels: the DIP network's width.
         nets: metric networks of the test report (``"real"``, ``"tiny"``, or ``"none"`` to skip scoring).
         weights_dir: the weights folder.
         out_dir: where test reconstructions go (default ``<log dir>/reconstruct``).
@@ -61,6 +62,7 @@ class ReconstructionCallback(Callback):
         dip_steps: int = 300,
         test_dip_steps: int = 1800,
         dip_batch: int = 16,
+        dip_channels: int = 128,
         nets: str = "real",
         weights_dir: str | None = None,
         out_dir: str | None = None,
@@ -76,6 +78,7 @@ class ReconstructionCallback(Callback):
             "tiny_refine": tiny_refine,
             "weights_dir": weights_dir,
             "dip_batch": dip_batch,
+            "dip_channels": dip_channels,
             "seed": seed,
         }
         self.dip_steps, self.test_dip_steps = dip_steps, test_dip_steps

@@ -33,6 +33,7 @@ class Reconstructor:
         weights_dir: the weights folder.
         device: where everything runs.
         dip_steps, dip_batch: DIP Adam steps per image and images inverted together.
+        dip_channels: the DIP network's width (128 in the method; fewer for CPU previews).
         seed: seeds the DIP networks and the diffusion noise.
 
     Attributes:
@@ -53,6 +54,7 @@ class Reconstructor:
         device: torch.device | str = "cpu",
         dip_steps: int = 1800,
         dip_batch: int = 16,
+        dip_channels: int = 128,
         seed: int = 0,
     ) -> None:
         require(lowlevel is not None or semantic is not None, "the chain needs a low-level or a semantic BIT")
@@ -62,6 +64,7 @@ class Reconstructor:
         self.device = torch.device(device)
         self.lowlevel, self.semantic = lowlevel, semantic
         self.dip_steps, self.dip_batch, self.seed = dip_steps, dip_batch, seed
+        self.dip_channels = dip_channels
         tables = {name: m.n_voxels for name, m in (("lowlevel", lowlevel), ("semantic", semantic)) if m}
         require(
             len({json.dumps(sorted(t.items())) for t in tables.values()}) == 1,
@@ -109,7 +112,7 @@ class Reconstructor:
         images: dict[str, Tensor] = {}
         init = None
         if self.lowlevel is not None:
-            from brainit_pl.recon.dip import invert_vgg_tokens
+            from brainit_pl.recon.dip import SkipConfig, invert_vgg_tokens
 
             was_training = self.lowlevel.training
             self.lowlevel.eval()
@@ -126,6 +129,7 @@ class Reconstructor:
                     steps=self.dip_steps,
                     batch=self.dip_batch,
                     seed=self.seed,
+                    net=SkipConfig(channels=self.dip_channels),
                     progress=False,
                 )
             images["lowlevel"] = init

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, help="at most N test images per subject (quick looks)")
     parser.add_argument("--dip-steps", type=int, default=1800, help="DIP Adam steps per image [1800]")
     parser.add_argument("--dip-batch", type=int, default=16, help="images inverted together [16]")
+    parser.add_argument(
+        "--dip-channels", type=int, default=128, help="DIP network width [128, the method's; fewer on a CPU]"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="test images per step [16]")
     parser.add_argument(
         "--nets", choices=("real", "tiny", "none"), default="real", help="metric networks [real]"
@@ -100,6 +103,7 @@ def reconstruct(
     limit: int | None = None,
     dip_steps: int = 1800,
     dip_batch: int = 16,
+    dip_channels: int = 128,
     batch_size: int = 16,
     nets: str = "real",
     weights_dir: Path | None = None,
@@ -130,6 +134,7 @@ def reconstruct(
         "unclip": "tiny" if tiny_unclip else str(unclip or "weights folder"),
         "refine": "tiny" if tiny_refine else (str(refine) if refine else None),
         "dip_steps": dip_steps,
+        "dip_channels": dip_channels,
         "seed": seed,
         "stages": stages,
     }
@@ -137,7 +142,8 @@ def reconstruct(
     dev = resolve_device(device)
     models = Reconstructor.from_checkpoints(
         lowlevel, semantic, unclip=unclip, tiny_unclip=tiny_unclip, refine=refine, tiny_refine=tiny_refine,
-        weights_dir=weights_dir, device=dev, dip_steps=dip_steps, dip_batch=dip_batch, seed=seed,
+        weights_dir=weights_dir, device=dev, dip_steps=dip_steps, dip_batch=dip_batch,
+        dip_channels=dip_channels, seed=seed,
     )  # fmt: skip
     loader = _test_loader(store, models.n_voxels, batch_size)
     wanted = set(models.n_voxels if subjects is None else subjects)
