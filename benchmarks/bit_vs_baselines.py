@@ -12,8 +12,9 @@ skipped when its output exists (re-running is cheap):
    anatomical clusters, the MindEye2-style baseline, and closed-form ridge; then tests each best-val
    checkpoint on the shared test images (which no training stage sees).
 
-Prints a markdown table (``test/clip_cos``: mean token cosine of predicted vs true CLIP tokens;
-``test/vgg_2way``: two-way identification on predicted vs true VGG tokens) and writes it with the numbers
+Prints a markdown table (``clip_cos``: mean token cosine of predicted vs true CLIP tokens; ``clip_2way`` /
+``vgg_2way``: two-way identification on predicted vs true CLIP / VGG tokens; val at the best-val-loss epoch,
+test on the shared images) and writes it with the numbers
 to ``WORK/results.json`` and ``WORK/results.md``.
 
 usage:
@@ -36,7 +37,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "brainit_pl.cli"]
 MODELS = ("bit", "bit_anatomical", "mindeye2", "ridge")
-METRIC = {"semantic": "clip_cos", "lowlevel": "vgg_2way"}
+METRICS = {"semantic": ("clip_cos", "clip_2way"), "lowlevel": ("vgg_2way",)}
 
 
 def sh(args: list[str], log: Path) -> None:
@@ -116,13 +117,13 @@ def train_and_test(
     if not (run / "test" / "lightning_logs").exists():
         sh(["test", *common, "--trainer.default_root_dir", str(run / "test"), "--ckpt_path", str(ckpt)], log)
     val, test = scalars(run / "fit"), scalars(run / "test")
-    name = METRIC[branch]
-    best_val = min(range(len(val["val/loss"])), key=val["val/loss"].__getitem__)
-    return {
-        f"val_{name}": val[f"val/{name}"][best_val] if f"val/{name}" in val else float("nan"),
-        f"test_{name}": test[f"test/{name}"][-1],
-        "fit_s": round(fit_s, 1),
-    }
+    best = min(range(len(val["val/loss"])), key=val["val/loss"].__getitem__) if "val/loss" in val else -1
+    out = {"fit_s": round(fit_s, 1)}
+    for name in METRICS[branch]:
+        values = val.get(f"val/{name}", [])
+        out[f"val_{name}"] = values[best] if len(values) > best >= 0 else float("nan")
+        out[f"test_{name}"] = test.get(f"test/{name}", [float("nan")])[-1]
+    return out
 
 
 def main() -> int:
@@ -136,7 +137,7 @@ def main() -> int:
     parser.add_argument("--k", type=int, default=25, help="V2C clusters (default: 25, the simulator's types)")
     parser.add_argument("--n-external", type=int, default=1000, help="external images (0: none)")
     parser.add_argument("--epochs", type=int, help="override the configs' max_epochs")
-    parser.add_argument("--branches", nargs="+", default=["semantic", "lowlevel"], choices=list(METRIC))
+    parser.add_argument("--branches", nargs="+", default=["semantic", "lowlevel"], choices=list(METRICS))
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--real", action="store_true", help="real CLIP weights instead of the tiny twin")
     args = parser.parse_args()
@@ -152,12 +153,13 @@ def main() -> int:
             results.setdefault(branch, {})[model] = train_and_test(
                 args, work, log, branch, model, clusters, external
             )
-    lines = ["| model | " + " | ".join(f"{b}: val {METRIC[b]} | test {METRIC[b]}" for b in results) + " |"]
-    lines.append("|---|" + "---|---|" * len(results))
+    columns = [(b, n) for b in results for n in METRICS[b]]
+    lines = ["| model | " + " | ".join(f"val {n} | test {n}" for _, n in columns) + " |"]
+    lines.append("|---|" + "---|---|" * len(columns))
     for model in args.models:
         cells = []
-        for branch, per_model in results.items():
-            r, name = per_model[model], METRIC[branch]
+        for branch, name in columns:
+            r = results[branch][model]
             cells += [f"{r[f'val_{name}']:.3f}", f"{r[f'test_{name}']:.3f}"]
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)

@@ -68,7 +68,7 @@ def _ckpt(root, name="last.ckpt"):
 def test_semantic_fit_then_test(bit_store, tmp_path, capsys):
     assert main(_args(bit_store, tmp_path / "fit")) == 0
     logged = _scalars(tmp_path / "fit")
-    assert len(logged["val/loss"]) == 2 and len(logged["val/clip_cos"]) == 2
+    assert len(logged["val/loss"]) == 2 and len(logged["val/clip_cos"]) == len(logged["val/clip_2way"]) == 2
     assert logged["val/loss"][-1] < logged["val/loss"][0]  # it learns
     assert logged["val/clip_cos"][-1] > logged["val/clip_cos"][0]
     ckpt = _ckpt(tmp_path / "fit")

@@ -17,7 +17,7 @@ Optimisation: AdamW (wd 0.01), lr 5e-4, cubic warm-up then ReduceLROnPlateau on 
 epoch right after the epoch-end validation: Lightning would step it only after ``ModelCheckpoint`` has
 saved the epoch, so a run resumed from that checkpoint would replay the previous epoch's rate. Logged: ``train/loss``, ``val/loss`` and, every
 ``quality_every_n_epochs`` epochs, the feature-prediction quality of :mod:`brainit_pl.metrics.features`
-(``val/clip_cos`` or ``val/vgg_2way``); the learning rate through ``LearningRateMonitor`` in the configs.
+(``val/clip_cos`` and ``val/clip_2way``, or ``val/vgg_2way``); the learning rate through ``LearningRateMonitor`` in the configs.
 
 Reproducibility: the low-level token positions are drawn from a generator keyed by (seed, global step,
 rank), like the DataModule's voxel draws, so a run resumed from a checkpoint continues exactly.
@@ -37,7 +37,7 @@ from torchmetrics import MeanMetric
 
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.lit.schedule import CubicWarmupPlateau
-from brainit_pl.metrics.features import TokenCosine, TokenTwoWay, eval_positions
+from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.bit import BIT, BITConfig
 from brainit_pl.models.losses import infonce_per_scale, semantic_mse
 
@@ -151,8 +151,9 @@ class BITModule(L.LightningModule):
         self.target_shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
         self.clusters_sha1: str | None = None
         self.net = self._build_decoder()
-        quality = TokenCosine if branch == "semantic" else TokenTwoWay  # two-way on the eval positions
-        self.quality = torch.nn.ModuleDict({"val": quality(), "test": quality()})
+        self.quality = torch.nn.ModuleDict(
+            {stage: feature_quality(branch, f"{stage}/", self.target_shape[0]) for stage in ("val", "test")}
+        )
         self.val_loss = MeanMetric()  # the scheduler's input (synced over ranks: one rate everywhere)
 
     def _build_decoder(self) -> torch.nn.Module:
@@ -286,8 +287,7 @@ class BITModule(L.LightningModule):
         if not self._quality_due(stage) or self.trainer.sanity_checking:
             self.quality[stage].reset()
             return
-        name = "clip_cos" if self.hparams.branch == "semantic" else "vgg_2way"
-        self.log(f"{stage}/{name}", self.quality[stage].compute(), prog_bar=stage == "val")
+        self.log_dict(self.quality[stage].compute(), prog_bar=stage == "val")
         self.quality[stage].reset()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

@@ -7,7 +7,8 @@ leave-one-out), so ``max_epochs: 1`` suffices. The maps are buffers: checkpoints
 
 Targets and scores are those of the BITs, under the same names:
 
-* ``semantic``: the cached CLIP tokens (``clip_tokens``, 256 × D); ``val/clip_cos``, ``test/clip_cos``.
+* ``semantic``: the cached CLIP tokens (``clip_tokens``, 256 × D); ``val/clip_cos`` and ``val/clip_2way``
+  (and ``test/...``).
 * ``lowlevel``: the VGG16-BN tokens of ``image_112``, computed by the frozen VGG (kept out of checkpoints),
   **at the positions of** :func:`~brainit_pl.metrics.features.eval_positions` **only** (240 of 7,190): a
   V × (7,190 · 512) map is far too large, and ridge is separable per output, so the ridge predicts exactly
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.metrics.features import TokenCosine, TokenTwoWay, eval_positions
+from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.baselines import DEFAULT_ALPHAS, RidgeDecoder, RidgeSolution
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,9 @@ class RidgeModule(L.LightningModule):
             )  # no state_dict entries
             positions = eval_positions(self.vgg_tokens.layout.counts)
             self.register_buffer("positions", positions, persistent=False)  # (P,)
-        self.metric_name = "clip_cos" if branch == "semantic" else "vgg_2way"
-        metric = TokenCosine if branch == "semantic" else TokenTwoWay
-        self.metrics = nn.ModuleDict({stage: metric() for stage in ("val", "test")})
+        self.metrics = nn.ModuleDict(
+            {stage: feature_quality(branch, f"{stage}/") for stage in ("val", "test")}
+        )
         self._train_data: dict[int, list[tuple[Tensor, Tensor]]] = {}
 
     def forward(self, betas: Tensor, subject: int) -> Tensor:
@@ -217,7 +218,7 @@ class RidgeModule(L.LightningModule):
         self.log(f"{stage}/loss", F.mse_loss(pred, target), batch_size=bs, sync_dist=True, prog_bar=True)
         metric = self.metrics[stage]
         metric.update(pred, target)
-        self.log(f"{stage}/{self.metric_name}", metric, batch_size=bs, prog_bar=True)
+        self.log_dict(metric, batch_size=bs, prog_bar=True)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")

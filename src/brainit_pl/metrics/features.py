@@ -4,6 +4,8 @@ Two numbers, logged by every feature decoder (BIT, the MindEye2-style and the ri
 same names, so their runs compare directly in TensorBoard and in ``benchmarks/bit_vs_baselines.py``:
 
 * ``clip_cos``: the mean over images and tokens of the cosine between predicted and true CLIP tokens;
+* ``clip_2way``: two-way identification on the CLIP tokens (at a fixed, seeded 64 of the 256 positions: the
+  cosine is dominated by what all images share, identification says whether the prediction is *this* image's);
 * ``vgg_2way``: two-way identification (:func:`~brainit_pl.metrics.identification.two_way_identification`)
   between predicted and true VGG tokens, each image's tokens flattened into one vector. All 7,190 × 512
   values per image would cost 15 MB an image to keep until ``compute``, so the vectors are taken at a
@@ -18,13 +20,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import Metric
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
 from brainit_pl.metrics.identification import two_way_identification
 
 # Token positions per VGG scale kept for vgg_2way (of 3136, 3025, 784, 196, 49 at 112²).
 EVAL_TOKENS_PER_SCALE = (64, 64, 64, 32, 16)
+CLIP_EVAL_TOKENS = 64  # of the 256 CLIP patch tokens, for clip_2way
 
 
 def eval_positions(
@@ -104,3 +107,17 @@ class TokenTwoWay(Metric):
         if len(pred) < 2:
             return torch.tensor(float("nan"))
         return two_way_identification(target, pred).float()
+
+
+def feature_quality(branch: str, prefix: str, n_tokens: int = 256) -> MetricCollection:
+    """The quality metrics of a branch, logged as ``{prefix}clip_cos`` / ``clip_2way`` or ``{prefix}vgg_2way``.
+
+    ``update(pred, target)`` takes (B, T, D) tokens: all CLIP tokens, or the VGG tokens at the
+    :func:`eval_positions` (the caller selects them, so a model may decode only those queries).
+    """
+    if branch == "semantic":
+        positions = eval_positions([n_tokens], per_scale=[CLIP_EVAL_TOKENS])
+        metrics = {"clip_cos": TokenCosine(), "clip_2way": TokenTwoWay(positions)}
+    else:
+        metrics = {"vgg_2way": TokenTwoWay()}
+    return MetricCollection(metrics, prefix=prefix, compute_groups=False)
