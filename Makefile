@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_DIR ?= demo
 
-.PHONY: install test test-slow lint format check demo clean help
+.PHONY: install test test-slow lint format check demo demo-baseline clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -39,14 +39,17 @@ format: $(STAMP)  ## apply ruff fixes and formatting
 
 check: lint test  ## lint + tests
 
-demo: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## simulate the demo NSD, prepare it, train the baseline, test it
-	rm -rf $(DEMO_DIR)/runs
+demo: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## the whole method on the simulated demo NSD → runs/demo/report/
+	$(BIN)/brainit-pl demo --store $(DEMO_DIR)/store --out runs/demo
+
+demo-baseline: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## the linear baseline decoder only (~1.5 min)
+	rm -rf $(DEMO_DIR)/runs/fit $(DEMO_DIR)/runs/test
 	$(BIN)/brainit-pl fit --config configs/demo.yaml --data.store $(DEMO_DIR)/store \
 		--trainer.default_root_dir $(DEMO_DIR)/runs/fit
 	$(BIN)/brainit-pl test --config configs/demo.yaml --data.store $(DEMO_DIR)/store \
 		--trainer.default_root_dir $(DEMO_DIR)/runs/test \
 		--ckpt_path $(DEMO_DIR)/runs/fit/lightning_logs/version_0/checkpoints/last.ckpt
-	@echo "demo: report and reconstruction grids in $(DEMO_DIR)/runs/test/lightning_logs/version_0/test/;" \
+	@echo "demo-baseline: report and reconstruction grids in $(DEMO_DIR)/runs/test/lightning_logs/version_0/test/;" \
 		"pictures of the simulated brain in $(DEMO_DIR)/nsd/simulation/preview_*.png"
 
 $(DEMO_DIR)/nsd/simulation/truth.json: | $(STAMP)

@@ -51,6 +51,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.recon.reconstruct",
         "images from fMRI: low-level BIT → DIP, semantic BIT → unCLIP, optional SDXL refinement; scored",
     ),
+    "demo": (
+        "brainit_pl.pipeline",
+        "the whole method on the simulated NSD (simulate → … → reconstruct), one report (make demo)",
+    ),
     "evaluate": (
         "brainit_pl.metrics.evaluate",
         "score reconstructions against ground-truth images with the standard NSD metrics",

@@ -1,0 +1,306 @@
+"""``brainit-pl demo``: the whole method on the simulated NSD, one step after another, into one report.
+
+Steps (each skipped when its output exists, so re-running is cheap; every command's output goes to
+``OUT/log.txt``):
+
+1. ``simulate`` the demo NSD and ``prepare`` its store (``--store`` to use an existing store instead);
+2. the tiny CLIP cache (``extract-features --tiny``);
+3. the Universal Encoder (``configs/encoder_demo.yaml``), scored against ridge on the backbone features;
+4. V2C clusters, functional (from the encoder) and anatomical, with their ARI against the true voxel types;
+5. synthetic fMRI of external images for every subject, and their CLIP cache;
+6. for each branch (semantic, low-level): the BIT, the MindEye2-style baseline and ridge, trained on the
+   same data and targets (``configs/sim/*.yaml``), each best-val checkpoint tested on the shared images;
+7. ``reconstruct`` (low-level BIT → DIP, semantic BIT → unCLIP; tiny random unCLIP: its images do not
+   look like anything) with the tiny metric networks;
+8. the report ``OUT/report/``: ``metrics.md`` / ``metrics.json`` (per reconstruction stage),
+   ``reconstructions.png``, ``clusters.png``, ``summary.json`` (the science in numbers).
+
+Every model is a tiny twin and the data is simulated: the numbers check the pipeline and the method's
+relative claims on a brain whose truth is known, they are not comparable with published NSD results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from brainit_pl.errors import BrainITError
+from brainit_pl.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+MODELS = {"bit": "bit", "mindeye2_baseline": "mindeye2", "ridge_baseline": "ridge"}
+METRICS = {"semantic": ("clip_cos", "clip_2way"), "lowlevel": ("vgg_2way",)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``brainit-pl demo``."""
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="work and report folder [runs/demo]"
+    )
+    parser.add_argument(
+        "--store", type=Path, help="an existing store [simulate + prepare the demo preset in OUT]"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="simulation seed [0]")
+    parser.add_argument("--encoder-epochs", type=int, default=6, help="[6]")
+    parser.add_argument("--bit-epochs", type=int, default=10, help="epochs of the BITs and MindEye2 [10]")
+    parser.add_argument("--clusters", type=int, default=25, help="V2C clusters K [25]")
+    parser.add_argument("--n-external", type=int, default=1000, help="external images (0: none) [1000]")
+    parser.add_argument(
+        "--recon-images", type=int, default=20, help="test images reconstructed per subject [20]"
+    )
+    parser.add_argument(
+        "--dip-steps", type=int, default=150, help="[150: a CPU preview; the method uses 1800]"
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="[all]")
+    parser.add_argument(
+        "--anatomical-bit", action="store_true", help="also train the BITs on anatomical clusters (ablation)"
+    )
+    parser.add_argument("--no-reconstruct", action="store_true", help="stop after the feature models")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``brainit-pl demo`` with parsed ``args``."""
+    summary = Demo(args).run()
+    print(json.dumps({k: summary[k] for k in ("bit", "recon") if k in summary}, indent=2))
+    return 0
+
+
+class Demo:
+    """The steps of the module docstring; ``self.summary`` fills as they run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.out = args, args.out.resolve()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_file = self.out / "log.txt"
+        self.summary: dict[str, Any] = {"timings_s": {}}
+
+    # ------------------------------------------------------------------------------------ plumbing
+    def sh(self, *args: str) -> None:
+        """Run ``brainit-pl ARGS`` (output to the log); stop with the log's tail on failure."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        print("  $ brainit-pl " + " ".join(args), flush=True)
+        with open(self.log_file, "a") as f:
+            cmd = [sys.executable, "-m", "brainit_pl.cli", *args]
+            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            tail = self.log_file.read_text()[-2000:]
+            raise BrainITError(f"step failed: brainit-pl {' '.join(args)} (see {self.log_file}):\n{tail}")
+
+    def step(self, name: str, done: Path, action) -> None:
+        """Run ``action`` unless ``done`` exists; record its seconds."""
+        if done.exists():
+            print(f"[{name}] done ({done.relative_to(self.out) if done.is_relative_to(self.out) else done})")
+            return
+        print(f"[{name}]", flush=True)
+        start = time.perf_counter()
+        action()
+        self.summary["timings_s"][name] = round(time.perf_counter() - start, 1)
+
+    # ---------------------------------------------------------------------------------------- steps
+    def run(self) -> dict[str, Any]:
+        a, out = self.args, self.out
+        store = a.store.resolve() if a.store else out / "store"
+        nsd = out / "nsd"
+        if a.store is None:
+            self.step("simulate", nsd / "simulation" / "truth.json",
+                      lambda: self.sh("simulate", "--out", str(nsd), "--preset", "demo", "--seed", str(a.seed), "--overwrite"))  # fmt: skip
+            self.step("prepare", store / "manifest.json",
+                      lambda: self.sh("prepare", "--nsd-root", str(nsd), "--out", str(store), "--overwrite"))  # fmt: skip
+        self.step("clip features", store / "features_clip.h5",
+                  lambda: self.sh("extract-features", "--store", str(store), "--tiny"))  # fmt: skip
+        encoder = self._encoder(store)
+        clusters = self._clusters(store, encoder, _simulation_root(store))
+        external = out / "synthetic"
+        if a.n_external > 0:
+            self.step("synthetic fMRI", external / "features_clip.h5", lambda: (
+                self.sh("synthesize-fmri", "--checkpoint", str(encoder), "--store", str(store), "--out", str(external),
+                        "--n-images", str(a.n_external), "--overwrite"),
+                self.sh("extract-features", "--store", str(external), "--tiny")))  # fmt: skip
+        ckpts: dict[str, Path] = {}
+        for branch in ("semantic", "lowlevel"):
+            for key, kind in MODELS.items():
+                if key in a.models:
+                    ckpts[f"{branch}/{key}"] = self._feature_model(store, branch, key, kind, clusters["functional"],
+                                                                   external if a.n_external > 0 else None)  # fmt: skip
+            if a.anatomical_bit:
+                ckpts[f"{branch}/bit_anatomical"] = self._feature_model(
+                    store, branch, "bit_anatomical", "bit", clusters["anatomical"],
+                    external if a.n_external > 0 else None)  # fmt: skip
+        if "bit" in a.models and not a.no_reconstruct:
+            self._reconstruct(store, ckpts["lowlevel/bit"], ckpts["semantic/bit"])
+        self._report(store)
+        return self.summary
+
+    def _encoder(self, store: Path) -> Path:
+        run = self.out / "encoder"
+        done = run / "done"
+
+        def fit() -> None:
+            self.sh("fit", "--config", str(CONFIGS / "encoder_demo.yaml"), "--data.store", str(store),
+                    "--trainer.default_root_dir", str(run), "--trainer.max_epochs", str(self.args.encoder_epochs),
+                    "--trainer.enable_progress_bar", "false")  # fmt: skip
+            done.write_text("ok\n")
+
+        self.step("encoder", done, fit)
+        ckpt = sorted(run.rglob("last.ckpt"))[-1]
+        scores = run / "scores.json"
+        self.step("encoder vs ridge", scores, lambda: _score_encoder(ckpt, store, scores))
+        self.summary["encoder"] = json.loads(scores.read_text())
+        return ckpt
+
+    def _clusters(self, store: Path, encoder: Path, truth: Path | None) -> dict[str, Path]:
+        paths = {}
+        for kind in ("functional", "anatomical"):
+            folder = self.out / f"v2c_{kind}"
+            extra = ["--embeddings", str(encoder)] if kind == "functional" else ["--no-plots"]
+            extra += ["--truth", str(truth)] if truth is not None and kind == "functional" else []
+            self.step(f"V2C {kind}", folder / "clusters.npz", lambda f=folder, e=extra, k=kind: self.sh(
+                "cluster", "--store", str(store), "--out", str(f), "--kind", k,
+                "--clusters", str(self.args.clusters), *e))  # fmt: skip
+            paths[kind] = folder / "clusters.npz"
+        agreement = self.out / "v2c_functional" / "agreement.json"
+        if agreement.exists():
+            report = json.loads(agreement.read_text())
+            self.summary["v2c"] = {
+                "k": report["n_clusters"],
+                "ari_functional": report["ari"]["pooled"],
+                "ari_anatomical": report["anatomical_baseline_ari"]["pooled"],
+            }
+        return paths
+
+    def _feature_model(self, store: Path, branch: str, key: str, kind: str, clusters: Path, external) -> Path:
+        run = self.out / branch / key
+        common = ["--config", str(CONFIGS / "sim" / f"{kind}_{branch}.yaml"), "--data.store", str(store)]
+        common += ["--model.init_args.clusters", str(clusters)] if kind == "bit" else []
+        fit = ["--trainer.default_root_dir", str(run / "fit")]
+        if kind != "ridge":
+            fit += ["--trainer.max_epochs", str(self.args.bit_epochs)]
+            fit += ["--data.external", str(external)] if external else []
+
+        def train() -> None:
+            self.sh("fit", *common, *fit)
+            (run / "fit" / "done").write_text("ok\n")
+
+        self.step(f"{branch} {key}", run / "fit" / "done", train)
+        best = sorted(p for p in (run / "fit").rglob("*.ckpt") if p.name != "last.ckpt")
+        ckpt = best[-1] if best else sorted((run / "fit").rglob("last.ckpt"))[-1]
+        test = ["--trainer.default_root_dir", str(run / "test"), "--ckpt_path", str(ckpt)]
+        self.step(
+            f"{branch} {key} test", run / "test" / "lightning_logs", lambda: self.sh("test", *common, *test)
+        )
+        val, tested = _scalars(run / "fit"), _scalars(run / "test")
+        best_epoch = (
+            min(range(len(val["val/loss"])), key=val["val/loss"].__getitem__) if val.get("val/loss") else -1
+        )
+        row = self.summary.setdefault(key, {})
+        for name in METRICS[branch]:
+            values = val.get(f"val/{name}", [])
+            row[f"{'semantic' if branch == 'semantic' else 'lowlevel'}_val_{name.split('_')[1]}"] = (
+                values[best_epoch] if len(values) > best_epoch >= 0 else None
+            )
+            row[f"{branch}_test_{name}"] = tested.get(f"test/{name}", [None])[-1]
+        return ckpt
+
+    def _reconstruct(self, store: Path, lowlevel: Path, semantic: Path) -> None:
+        folder = self.out / "reconstruct"
+        a = self.args
+        self.step("reconstruct", folder / "metrics_semantic" / "metrics.json", lambda: self.sh(
+            "reconstruct", "--store", str(store), "--out", str(folder), "--lowlevel", str(lowlevel),
+            "--semantic", str(semantic), "--tiny-unclip", "--nets", "tiny", "--limit", str(a.recon_images),
+            "--dip-steps", str(a.dip_steps), "--dip-channels", "16", "--dip-batch", "8", "--batch-size", "8",
+            "--device", "cpu", "--overwrite"))  # fmt: skip
+        names = {"lowlevel": "low_level", "semantic": "semantic", "refined": "refined"}
+        self.summary["recon"] = {
+            names[stage]: json.loads((folder / f"metrics_{stage}" / "metrics.json").read_text())["mean"]
+            for stage in names
+            if (folder / f"metrics_{stage}" / "metrics.json").exists()
+        }
+
+    def _report(self, store: Path) -> None:
+        report = self.out / "report"
+        report.mkdir(exist_ok=True)
+        recon = self.out / "reconstruct"
+        for name, source in (
+            ("reconstructions.png", recon / "reconstructions.png"),
+            ("clusters.png", self.out / "v2c_functional" / "clusters_subj01.png"),
+        ):
+            if source.exists():
+                shutil.copyfile(source, report / name)
+        for suffix in (
+            "md",
+            "json",
+        ):  # the final stage's report (semantic) as metrics.*; each stage beside it
+            for stage in ("lowlevel", "semantic"):
+                src = recon / f"metrics_{stage}" / f"metrics.{suffix}"
+                if src.exists():
+                    shutil.copyfile(src, report / f"metrics_{stage}.{suffix}")
+            if (recon / "metrics_semantic" / f"metrics.{suffix}").exists():
+                shutil.copyfile(
+                    recon / "metrics_semantic" / f"metrics.{suffix}", report / f"metrics.{suffix}"
+                )
+        self.summary["noise_ceiling"] = _mean_noise_ceiling(store)
+        self.summary["report"] = str(report)
+        atomic_write_text(report / "summary.json", json.dumps(self.summary, indent=2) + "\n")
+        print(f"report: {report}")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _scalars(run: Path) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = sorted(run.rglob("events.out.tfevents.*"), key=os.path.getmtime)
+    if not events:
+        return {}
+    acc = EventAccumulator(str(events[-1]))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _score_encoder(ckpt: Path, store: Path, out: Path) -> None:
+    """Encoder vs ridge on the backbone features, median voxel r over the held-out validation images."""
+    from brainit_pl.data.datamodule import NSDDataModule
+    from brainit_pl.lit.encoder import EncoderModule
+    from brainit_pl.lit.encoder_ridge import ridge_vs_encoder
+
+    module = EncoderModule.load_from_checkpoint(ckpt, map_location="cpu")
+    dm = NSDDataModule(str(store), image_sizes=[224], val_fraction=0.1, batch_size=32)
+    dm.setup("fit")
+    scores = ridge_vs_encoder(module, dm, ncsnr=None, split="val")
+    summary = {
+        "val_corr_median": scores["encoder"]["voxel_corr_median"],
+        "val_corr_p75": scores["encoder"]["voxel_corr_p75"],
+        "ridge_val_corr_median": scores["ridge"]["voxel_corr_median"],
+        "ridge_val_corr_p75": scores["ridge"]["voxel_corr_p75"],
+    }
+    atomic_write_text(out, json.dumps(summary, indent=2) + "\n")
+
+
+def _simulation_root(store: Path) -> Path | None:
+    from brainit_pl.data.store import Store
+    from brainit_pl.features.synthesize import simulation_root
+
+    return simulation_root(Store(store))
+
+
+def _mean_noise_ceiling(store: Path) -> float | None:
+    """Mean over all voxels of NC = ncsnr² / (ncsnr² + 1/3): the explainable variance of 3-repeat averages."""
+    import numpy as np
+
+    from brainit_pl.data.store import Store
+
+    opened = Store(store)
+    parts = [opened.subject(s).ncsnr for s in opened.subjects]
+    if any(p is None for p in parts):
+        return None
+    snr2 = np.concatenate(parts).astype(np.float64) ** 2
+    return float((snr2 / (snr2 + 1 / 3)).mean())
