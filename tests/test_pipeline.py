@@ -1,0 +1,34 @@
+"""``brainit-pl demo`` end to end on the tiny simulated store (slow: every step of the method trains)."""
+
+import json
+
+import pytest
+
+from brainit_pl.cli import main
+
+
+@pytest.mark.slow
+def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(tiny_store, store)
+    out = tmp_path / "demo"
+    args = ["demo", "--store", str(store), "--out", str(out), "--encoder-epochs", "1", "--bit-epochs", "1"]
+    args += ["--clusters", "4", "--n-external", "16", "--recon-images", "2", "--dip-steps", "2"]
+    assert main(args) == 0
+    summary = json.loads((out / "report" / "summary.json").read_text())
+    assert 0 < summary["noise_ceiling"] < 1
+    assert {"val_corr_median", "ridge_val_corr_median"} <= set(summary["encoder"])
+    assert {"ari_functional", "ari_anatomical"} <= set(summary["v2c"])
+    for model in ("bit", "mindeye2_baseline", "ridge_baseline"):
+        assert (
+            summary[model]["semantic_val_cos"] is not None and summary[model]["lowlevel_val_2way"] is not None
+        )
+    assert {"low_level", "semantic"} <= set(summary["recon"])
+    assert (out / "report" / "reconstructions.png").is_file() and (out / "report" / "metrics.json").is_file()
+    # Every step is skipped the second time.
+    timings = summary["timings_s"]
+    assert main(args) == 0
+    again = json.loads((out / "report" / "summary.json").read_text())
+    assert again["timings_s"] == {} and again["bit"] == summary["bit"] and timings
