@@ -59,6 +59,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.metrics.evaluate",
         "score reconstructions against ground-truth images with the standard NSD metrics",
     ),
+    "transfer": (
+        "brainit_pl.transfer",
+        "add a new subject to trained base models from little data (only its voxel embeddings learn)",
+    ),
 }
 
 LIGHTNING_COMMANDS: dict[str, str] = {

@@ -26,7 +26,9 @@ rank), like the DataModule's voxel draws, so a run resumed from a checkpoint con
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,6 +41,7 @@ from brainit_pl.errors import BrainITError, require
 from brainit_pl.lit.schedule import CubicWarmupPlateau
 from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.bit import BIT, BITConfig
+from brainit_pl.models.encoder import VoxelRows, grow_voxel_table
 from brainit_pl.models.losses import infonce_per_scale, semantic_mse
 
 log = logging.getLogger(__name__)
@@ -91,6 +94,10 @@ class BITModule(L.LightningModule):
         lr_patience: ReduceLROnPlateau patience (epochs).
         quality_every_n_epochs: compute ``val/clip_cos`` or ``val/vgg_2way`` every N epochs (always at test).
         seed: seed of the low-level position draws.
+        trainable: ``"all"`` or ``"voxel_embed"``: only the BIT's voxel table trains (transfer to a new
+            subject, BRAINIT.md §7); everything else has ``requires_grad=False`` and stays out of the optimizer.
+        voxel_subjects: with ``"voxel_embed"``, only these subjects' rows train; the others keep zero
+            gradients and no weight decay (:class:`~brainit_pl.models.encoder.VoxelRows`). ``None``: all rows.
     """
 
     def __init__(
@@ -120,11 +127,24 @@ class BITModule(L.LightningModule):
         lr_patience: int = 5,
         quality_every_n_epochs: int = 1,
         seed: int = 0,
+        trainable: Literal["all", "voxel_embed"] = "all",
+        voxel_subjects: list[int] | None = None,
     ) -> None:
         super().__init__()
         require(branch in ("semantic", "lowlevel"), f"branch must be semantic or lowlevel, got {branch!r}")
         require(decoder in ("bit", "mindeye2"), f"decoder must be bit or mindeye2, got {decoder!r}")
         require(quality_every_n_epochs >= 1, "quality_every_n_epochs must be >= 1")
+        require(
+            trainable in ("all", "voxel_embed"), f"trainable must be all or voxel_embed, got {trainable!r}"
+        )
+        require(
+            trainable == "all" or decoder == "bit",
+            "trainable=voxel_embed trains the BIT's voxel table: it needs decoder=bit",
+        )
+        require(
+            voxel_subjects is None or trainable == "voxel_embed",
+            "voxel_subjects restricts the voxel table's training: it needs trainable=voxel_embed",
+        )
         self.save_hyperparameters()
         self.n_voxels = {int(s): int(v) for s, v in sorted(n_voxels.items())}
         self.vgg_tokens = None
@@ -155,6 +175,12 @@ class BITModule(L.LightningModule):
             {stage: feature_quality(branch, f"{stage}/", self.target_shape[0]) for stage in ("val", "test")}
         )
         self.val_loss = MeanMetric()  # the scheduler's input (synced over ranks: one rate everywhere)
+        self.voxel_rows = None
+        if trainable == "voxel_embed":
+            self.net.requires_grad_(False)
+            self.net.voxel_embed.requires_grad_(True)
+            if voxel_subjects is not None:
+                self.voxel_rows = VoxelRows(self.n_voxels, voxel_subjects)
 
     def _build_decoder(self) -> torch.nn.Module:
         hp = self.hparams
@@ -325,7 +351,13 @@ class BITModule(L.LightningModule):
     # -------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+        if hp.trainable == "all":
+            params: Any = self.parameters()
+        elif self.voxel_rows is None:
+            params = [self.net.voxel_embed]  # frozen parameters stay out of the optimizer altogether
+        else:  # AdamW's decay would shrink the other subjects' rows too: VoxelRows decays the rows alone
+            params = [VoxelRows.param_group(self.net.voxel_embed, hp.weight_decay)]
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         scheduler = CubicWarmupPlateau(
             optimizer,
             warmup_epochs=hp.warmup_epochs,
@@ -343,6 +375,92 @@ class BITModule(L.LightningModule):
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         """Lightning's epoch-end step: nothing to do, the scheduler was stepped after validation."""
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With ``voxel_subjects``: zero the other rows' gradient, decay the trained rows (VoxelRows)."""
+        if self.voxel_rows is not None:
+            self.voxel_rows.before_step(self.net.voxel_embed, optimizer)
+
+    # ------------------------------------------------------------------------------------- transfer
+    @classmethod
+    def transfer_from(
+        cls,
+        checkpoint: str | os.PathLike,
+        new_voxels: dict[int, int],
+        clusters: str | os.PathLike,
+        neighbours: tuple[Tensor, Tensor] | None = None,
+        **overrides: Any,
+    ) -> BITModule:
+        """A BIT for new subjects: the base checkpoint's BIT with their rows added to the voxel table.
+
+        The shared weights and the base subjects' rows (moved to their place in the larger table) are the
+        checkpoint's; the new rows are copied from their nearest reference voxels (``neighbours``,
+        :meth:`~brainit_pl.models.bit.BIT.init_voxels_from`) or keep the random init; only the new rows
+        train (``trainable="voxel_embed"``, ``voxel_subjects`` = the new subjects). The module saves and
+        loads like any BITModule; its ``clusters`` file must cover the larger table.
+
+        Args:
+            checkpoint: a BITModule checkpoint (``decoder="bit"``) of the base subjects.
+            new_voxels: subject → voxel count of the subjects to add.
+            clusters: the V2C clusters of the larger table (base labels + the new voxels' nearest-neighbour
+                labels).
+            neighbours: (target_ids, source_ids), both (M,) global ids of the *larger* table: row target
+                starts as a copy of row source. ``None``: random init.
+            **overrides: other hyperparameters (``lr``, ``warmup_epochs``, ...).
+
+        Raises:
+            BrainITError: an unreadable checkpoint, a MindEye2-style decoder, a subject already in its table.
+        """
+        from brainit_pl.lit.encoder import read_checkpoint
+
+        ckpt = read_checkpoint(checkpoint, "BITModule")
+        hparams = ckpt["hyper_parameters"]
+        require(
+            hparams.get("decoder", "bit") == "bit",
+            f"{checkpoint} is a {hparams.get('decoder')} decoder; transfer adds voxel embeddings to a BIT",
+        )
+        base = {int(s): int(v) for s, v in hparams["n_voxels"].items()}
+        taken = sorted(set(new_voxels) & set(base))
+        require(
+            not taken,
+            f"subject(s) {taken} are already in the voxel table of {checkpoint} (subjects {sorted(base)}): "
+            "transfer needs base models trained without the new subject",
+        )
+        table = dict(sorted({**base, **{int(s): int(v) for s, v in new_voxels.items()}}.items()))
+        names = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in hparams.items() if k in names}
+        kwargs.update(
+            n_voxels=table,
+            clusters=str(clusters),
+            trainable="voxel_embed",
+            voxel_subjects=sorted(new_voxels),
+            **overrides,
+        )
+        module = cls(**kwargs)
+        state = dict(ckpt["state_dict"])
+        state["net.voxel_embed"] = grow_voxel_table(
+            state["net.voxel_embed"], base, table, module.net.voxel_embed
+        )
+        module.load_state_dict(state, strict=True)
+        if neighbours is not None:
+            module.net.init_voxels_from(*neighbours)
+        return module
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """This module as a Lightning checkpoint without a Trainer (weights and hyperparameters only).
+
+        ``torch.save`` it and :meth:`load_from_checkpoint` reads it like a ``fit`` checkpoint, e.g. a BIT
+        whose weights were changed outside its own training (stage 2's adapted BIT, for reconstruction).
+        """
+        import lightning
+
+        checkpoint = {
+            "state_dict": self.state_dict(),
+            "hyper_parameters": dict(self.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        }
+        self.on_save_checkpoint(checkpoint)
+        return checkpoint
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -15,8 +15,10 @@ split's images of 1/n_i for images with unequal repeats); voxels with NC_v < 1e-
 
 from __future__ import annotations
 
+import inspect
 import logging
-from typing import Any
+import os
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -24,7 +26,14 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from brainit_pl.models.encoder import UniversalEncoder, encoder_loss, random_shift
+from brainit_pl.errors import BrainITError, require
+from brainit_pl.models.encoder import (
+    UniversalEncoder,
+    VoxelRows,
+    encoder_loss,
+    grow_voxel_table,
+    random_shift,
+)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +136,11 @@ class EncoderModule(L.LightningModule):
         max_shift: largest random image shift in pixels during training (0: none).
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience in epochs.
+        trainable: ``"all"`` (adapters, projections, readout) or ``"voxel_embed"`` (only the voxel table;
+            transfer to a new subject, BRAINIT.md §7: everything else has ``requires_grad=False`` and stays
+            out of the optimizer).
+        voxel_subjects: with ``"voxel_embed"``, only these subjects' rows of the table train (the others
+            keep zero gradients, :class:`~brainit_pl.models.encoder.VoxelRows`); ``None``: every row.
     """
 
     def __init__(
@@ -148,8 +162,17 @@ class EncoderModule(L.LightningModule):
         max_shift: int = 3,
         lr_factor: float = 0.5,
         lr_patience: int = 2,
+        trainable: Literal["all", "voxel_embed"] = "all",
+        voxel_subjects: list[int] | None = None,
     ) -> None:
         super().__init__()
+        require(
+            trainable in ("all", "voxel_embed"), f"trainable must be all or voxel_embed, got {trainable!r}"
+        )
+        require(
+            voxel_subjects is None or trainable == "voxel_embed",
+            "voxel_subjects restricts the voxel table's training: it needs trainable=voxel_embed",
+        )
         self.save_hyperparameters()
         self.encoder = UniversalEncoder(
             n_voxels,
@@ -165,6 +188,12 @@ class EncoderModule(L.LightningModule):
             voxel_chunk=voxel_chunk,
             weights_dir=weights_dir,
         )
+        self.voxel_rows = None
+        if trainable == "voxel_embed":
+            self.encoder.requires_grad_(False)
+            self.encoder.voxel_embed.weight.requires_grad_(True)
+            if voxel_subjects is not None:
+                self.voxel_rows = VoxelRows(self.encoder.n_voxels, voxel_subjects)
         total = self.encoder.total_voxels
         self.metrics = torch.nn.ModuleDict({s: VoxelCorrelation(total) for s in ("val", "test")})
         self.ncsnr: Tensor | None = None  # (V_total,) from the store, when it has one for every subject
@@ -251,7 +280,9 @@ class EncoderModule(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         # Only the adapters, projections and readout are parameters: the frozen DINOv2 is not registered.
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, amsgrad=True)
+        # Frozen parameters (trainable="voxel_embed") stay out of the optimizer altogether.
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(params, lr=self.hparams.lr, amsgrad=True)
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
         )
@@ -260,3 +291,63 @@ class EncoderModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "monitor": "val/voxel_corr_p75", "strict": False},
         }
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With ``voxel_subjects``: the other subjects' rows get a zero gradient (Adam moves them by 0)."""
+        if self.voxel_rows is not None:
+            self.voxel_rows.before_step(self.encoder.voxel_embed.weight, optimizer)
+
+    # ------------------------------------------------------------------------------------- transfer
+    @classmethod
+    def transfer_from(
+        cls, checkpoint: str | os.PathLike, new_voxels: dict[int, int], **overrides: Any
+    ) -> EncoderModule:
+        """A module for new subjects: the base checkpoint's encoder with their rows added to the voxel table.
+
+        Every weight is the checkpoint's (the base subjects' rows moved to their place in the larger
+        table); the new rows keep this class's random init; only they train (``trainable="voxel_embed"``,
+        ``voxel_subjects`` = the new subjects). The module saves and loads like any EncoderModule.
+
+        Args:
+            checkpoint: an EncoderModule checkpoint of the base subjects.
+            new_voxels: subject → voxel count of the subjects to add (none of them in the checkpoint).
+            **overrides: other hyperparameters (e.g. ``lr``).
+
+        Raises:
+            BrainITError: an unreadable checkpoint, or a subject already in its voxel table.
+        """
+        ckpt = read_checkpoint(checkpoint, "EncoderModule")
+        hparams = ckpt["hyper_parameters"]
+        base = {int(s): int(v) for s, v in hparams["n_voxels"].items()}
+        taken = sorted(set(new_voxels) & set(base))
+        require(
+            not taken,
+            f"subject(s) {taken} are already in the voxel table of {checkpoint} (subjects {sorted(base)}): "
+            "transfer needs base models trained without the new subject",
+        )
+        table = dict(sorted({**base, **{int(s): int(v) for s, v in new_voxels.items()}}.items()))
+        names = inspect.signature(cls.__init__).parameters
+        kwargs = {k: v for k, v in hparams.items() if k in names}
+        kwargs.update(n_voxels=table, trainable="voxel_embed", voxel_subjects=sorted(new_voxels), **overrides)
+        module = cls(**kwargs)
+        state = dict(ckpt["state_dict"])
+        fill = module.encoder.voxel_embed.weight
+        for key in ("encoder.voxel_embed.weight", "encoder.readout.voxel_embed"):  # one Parameter, two names
+            state[key] = grow_voxel_table(state[key], base, table, fill)
+        module.load_state_dict(state, strict=True)
+        return module
+
+
+def read_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
+    """A Lightning checkpoint as a dict (CPU), with ``state_dict`` and ``hyper_parameters['n_voxels']``."""
+    require(os.path.isfile(path), f"checkpoint {path} not found")
+    try:
+        # mmap: tensors are read when used, so reading a large checkpoint's hyperparameters costs little
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises many types for a foreign file
+        raise BrainITError(f"{path} is not a readable {what} checkpoint ({type(err).__name__})") from err
+    require(
+        isinstance(ckpt, dict) and "state_dict" in ckpt and "n_voxels" in ckpt.get("hyper_parameters", {}),
+        f"{path} is not a {what} checkpoint (no state_dict and hyper_parameters['n_voxels'])",
+    )
+    return ckpt

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from brainit_pl.backbones.frozen import FrozenBackbone
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.models.encoder import VoxelRows, grow_voxel_table
 from brainit_pl.recon.unclip import IMAGE_SIZE, OFFSET_NOISE, UnCLIPSampler, load_unclip, vector_condition
 
 if TYPE_CHECKING:
@@ -101,6 +102,9 @@ class Stage2Module(L.LightningModule):
         gradient_checkpointing: recompute the BIT's and the UNet's blocks in the backward pass.
         weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS``).
         seed: seed of the training and validation draws (noise, timesteps, posterior samples).
+        voxel_subjects: with ``trainable="voxel_embed"``, only these subjects' rows of the voxel table train
+            (a new subject added by ``brainit-pl transfer``); the other rows keep zero gradients and no weight
+            decay (:class:`~brainit_pl.models.encoder.VoxelRows`). ``None``: every row.
     """
 
     def __init__(
@@ -119,10 +123,15 @@ class Stage2Module(L.LightningModule):
         gradient_checkpointing: bool = True,
         weights_dir: str | None = None,
         seed: int = 0,
+        voxel_subjects: list[int] | None = None,
     ) -> None:
         super().__init__()
         require(
             trainable in ("all", "voxel_embed"), f"trainable must be all or voxel_embed, got {trainable!r}"
+        )
+        require(
+            voxel_subjects is None or trainable == "voxel_embed",
+            "voxel_subjects restricts the voxel table's training: it needs trainable=voxel_embed",
         )
         require(
             warmup_steps >= 0 and 0 < warmup_start <= 1, "need warmup_steps >= 0 and 0 < warmup_start <= 1"
@@ -148,6 +157,7 @@ class Stage2Module(L.LightningModule):
         if hasattr(self.net, "gradient_checkpointing"):  # whatever stage 1 used
             self.net.gradient_checkpointing = gradient_checkpointing
         self._set_trainable(trainable)
+        self.voxel_rows = None if voxel_subjects is None else VoxelRows(self.n_voxels, voxel_subjects)
         # Lightning keeps the modes it finds; the builders return eval-mode networks (the BIT's activation
         # checkpointing only runs in train mode). The FrozenBackbone keeps the VAE in eval mode.
         self.train()
@@ -292,9 +302,11 @@ class Stage2Module(L.LightningModule):
     # -------------------------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         hp = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
+        params: list[Any] = [p for p in self.parameters() if p.requires_grad]
         n = sum(p.numel() for p in params)
         log.info("stage 2 trains %s: %d tensors, %s parameters", hp.trainable, len(params), f"{n:,}")
+        if self.voxel_rows is not None:  # AdamW's decay would shrink the other rows too: VoxelRows decays
+            params = [VoxelRows.param_group(self.net.voxel_embed, hp.weight_decay)]
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         if hp.warmup_steps == 0:
             return optimizer
@@ -303,3 +315,37 @@ class Stage2Module(L.LightningModule):
             optimizer, start_factor=hp.warmup_start, end_factor=1.0, total_iters=hp.warmup_steps
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": warmup, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """With ``voxel_subjects``: zero the other rows' gradient, decay the trained rows (VoxelRows)."""
+        if self.voxel_rows is not None:
+            self.voxel_rows.before_step(self.net.voxel_embed, optimizer)
+
+    # ------------------------------------------------------------------------------------- transfer
+    def init_from_stage2(self, checkpoint: str | Path) -> None:
+        """Start from a stage-2 checkpoint of fewer subjects: its UNet, its BIT, its subjects' voxel rows.
+
+        A new subject's transfer (BRAINIT.md §7) continues the base model's stage 2: every weight comes from
+        ``checkpoint`` except the voxel rows of the subjects it does not have, which keep what this module
+        loaded from ``bit_checkpoint`` (the transferred stage-1 BIT).
+
+        Raises:
+            BrainITError: not a stage-2 checkpoint, or a voxel table that is not part of this one.
+        """
+        from brainit_pl.lit.encoder import read_checkpoint
+
+        ckpt = read_checkpoint(checkpoint, "Stage2Module")
+        base = {int(s): int(v) for s, v in ckpt["hyper_parameters"]["n_voxels"].items()}
+        require(
+            all(self.n_voxels.get(s) == v for s, v in base.items()),
+            f"{checkpoint} has the voxel table {base} (subject: voxels), which is not part of {self.n_voxels}",
+        )
+        state = dict(ckpt["state_dict"])
+        require("net.voxel_embed" in state, f"{checkpoint} holds no BIT voxel table (net.voxel_embed)")
+        fill = self.net.voxel_embed
+        state["net.voxel_embed"] = grow_voxel_table(state["net.voxel_embed"], base, self.n_voxels, fill)
+        try:
+            self.load_state_dict(state, strict=True)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise BrainITError(f"{checkpoint} does not fit this stage-2 model ({first})") from err

@@ -11,11 +11,17 @@ One network serves all subjects: the only subject-specific part is the voxel emb
 *global* voxel ids (subjects stacked in sorted order, as the NSDDataModule numbers them). The table is the
 attribute ``voxel_embed`` (an ``nn.Embedding`` sharing its weight with the readout), so a Lightning
 checkpoint holds it as ``encoder.voxel_embed.weight``; the V2C clustering reads it from there.
+
+The end of this module is about that layout, shared by the encoder and both BITs: :func:`voxel_offsets`,
+:func:`move_voxel_ids` and :func:`grow_voxel_table` add a subject to a table (its rows go where its sorted
+position puts them, so the rows of later subjects shift), and :class:`VoxelRows` trains only some subjects'
+rows (transfer to a new subject, BRAINIT.md §7).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -210,3 +216,117 @@ def encoder_loss(pred: Tensor, target: Tensor, cos_weight: float = 0.1) -> tuple
     mse = F.mse_loss(pred, target)
     cos = F.cosine_similarity(pred, target, dim=-1).mean()
     return mse - cos_weight * cos, mse, cos
+
+
+# ------------------------------------------------------------------------------ the voxel table layout
+def voxel_offsets(n_voxels: Mapping[int, int]) -> dict[int, int]:
+    """Subject → its first row in the voxel table of ``n_voxels`` (subjects stacked in sorted order)."""
+    offsets, start = {}, 0
+    for subject in sorted(n_voxels):
+        offsets[int(subject)], start = start, start + int(n_voxels[subject])
+    return offsets
+
+
+def _require_part(n_voxels: Mapping[int, int], table: Mapping[int, int]) -> None:
+    require(
+        all(table.get(s) == v for s, v in n_voxels.items()),
+        f"the voxel table {dict(n_voxels)} (subject: voxels) is not part of the table {dict(table)}",
+    )
+
+
+def move_voxel_ids(ids: Tensor, n_voxels: Mapping[int, int], table: Mapping[int, int]) -> Tensor:
+    """Global voxel ids of the table ``n_voxels`` → the same voxels' ids in ``table``, a table holding it.
+
+    Args:
+        ids: integer ids in [0, sum(n_voxels)), any shape.
+        n_voxels: subject → count of the table the ids number.
+        table: subject → count of the larger table (same counts for the common subjects).
+
+    Returns:
+        int64 ids of the same shape.
+    """
+    _require_part(n_voxels, table)
+    ids = torch.as_tensor(ids, dtype=torch.long)
+    require(
+        bool(((ids >= 0) & (ids < sum(n_voxels.values()))).all()),
+        f"voxel ids outside the table of {sum(n_voxels.values())} rows",
+    )
+    old, new = voxel_offsets(n_voxels), voxel_offsets(table)
+    subjects = sorted(old)
+    starts = torch.tensor([old[s] for s in subjects])  # (S,)
+    shift = torch.tensor([new[s] - old[s] for s in subjects])  # (S,)
+    which = torch.searchsorted(starts, ids, right=True) - 1  # index of each id's subject
+    return ids + shift[which]
+
+
+def grow_voxel_table(
+    table: Tensor, n_voxels: Mapping[int, int], new_n_voxels: Mapping[int, int], fill: Tensor
+) -> Tensor:
+    """A table of ``new_n_voxels`` whose rows of the subjects of ``n_voxels`` are ``table``'s, copied.
+
+    Args:
+        table: (V, D) the rows of ``n_voxels``'s subjects, in its global order.
+        n_voxels: subject → count of ``table``.
+        new_n_voxels: a table holding every subject of ``n_voxels`` with the same count, and more.
+        fill: (V_new, D) where the added subjects' rows come from (e.g. a freshly built module's init).
+
+    Returns:
+        (V_new, D) a new tensor in ``fill``'s dtype and device.
+    """
+    _require_part(n_voxels, new_n_voxels)
+    total = sum(new_n_voxels.values())
+    require(
+        table.shape[0] == sum(n_voxels.values()) and fill.shape == (total, table.shape[1]),
+        f"grow_voxel_table: a ({sum(n_voxels.values())}, D) table and a ({total}, D) fill expected, got "
+        f"{tuple(table.shape)} and {tuple(fill.shape)}",
+    )
+    out = fill.detach().clone()
+    old, new = voxel_offsets(n_voxels), voxel_offsets(new_n_voxels)
+    for subject, count in n_voxels.items():
+        out[new[subject] : new[subject] + count] = table[old[subject] : old[subject] + count]
+    return out
+
+
+class VoxelRows:
+    """Train only the rows of some subjects of a voxel table (a new subject, BRAINIT.md §7).
+
+    Two things move the other rows of the same Parameter: their gradient (zero when a batch holds none of
+    their voxels, but nothing guarantees that) and AdamW's decoupled weight decay p ← p·(1 − lr·wd), which
+    shrinks every row whatever its gradient. So the table's optimizer group gets ``weight_decay`` 0 and
+    ``row_weight_decay`` wd (:meth:`param_group`), and right before each optimizer step :meth:`before_step`
+    zeroes the gradient outside the rows and decays the rows alone: the rows get the very update AdamW would
+    give them (decay, then the Adam step), while the other rows keep zero gradients and zero moments, so
+    their Adam update is exactly 0 and they stay bit-identical. (A separate Parameter for the new rows would
+    also work, but would change the checkpoint's keys and the BIT's forward.)
+
+    Args:
+        n_voxels: subject → count of the table.
+        subjects: the subjects whose rows train.
+    """
+
+    def __init__(self, n_voxels: Mapping[int, int], subjects: Sequence[int]) -> None:
+        unknown = sorted(set(subjects) - set(n_voxels))
+        require(bool(subjects), "VoxelRows needs at least one subject")
+        require(not unknown, f"voxel_subjects {unknown} are not in the voxel table {sorted(n_voxels)}")
+        offsets = voxel_offsets(n_voxels)
+        self.mask = torch.zeros(sum(n_voxels.values()), 1, dtype=torch.bool)  # (V, 1)
+        for s in subjects:
+            self.mask[offsets[s] : offsets[s] + n_voxels[s]] = True
+
+    @staticmethod
+    def param_group(table: nn.Parameter, weight_decay: float) -> dict[str, Any]:
+        """The optimizer group of the table: AdamW's own decay off, the rows' decay kept for :meth:`before_step`."""
+        return {"params": [table], "weight_decay": 0.0, "row_weight_decay": weight_decay}
+
+    @torch.no_grad()
+    def before_step(self, table: nn.Parameter, optimizer: torch.optim.Optimizer) -> None:
+        """Zero the gradient outside the rows; decay the rows by the group's lr · ``row_weight_decay``."""
+        if self.mask.device != table.device:
+            self.mask = self.mask.to(table.device)
+        if table.grad is not None:
+            table.grad.masked_fill_(~self.mask, 0.0)
+        for group in optimizer.param_groups:
+            decay = group.get("row_weight_decay", 0.0)
+            if decay and any(p is table for p in group["params"]):
+                # the other rows are multiplied by exactly 1.0: unchanged to the bit
+                table.mul_(torch.where(self.mask, 1.0 - group["lr"] * decay, 1.0).to(table.dtype))

@@ -1,0 +1,607 @@
+"""Add a new subject S to trained base models from little data (BRAINIT.md §3, §7).
+
+The base models (Universal Encoder, V2C clusters, semantic and low-level BITs, optionally the stage-2 model)
+were trained without S. Only S's voxel embeddings are learned, everything else stays bit-identical:
+
+1. encoder     S's encoder voxel embeddings on S's limited data (``--hours``); Adam lr 1e-3, 30 epochs
+2. v2c         each voxel of S takes the cluster of its nearest reference voxel (cosine on the encoder
+               embeddings; mm coordinates for anatomical clusters)
+3. synthetic   the transferred encoder's synthetic fMRI of the external images (+ their CLIP tokens)
+4. semantic    S's rows of the semantic BIT's voxel table, initialised from the nearest reference voxels'
+5. lowlevel    rows (``--init nn``) or random; AdamW lr 5e-4, 50 epochs, 1 real : 3 synthetic samples
+6. stage2      S's rows of the stage-2 BIT (diffusion loss through the frozen UNet), lr 1e-5; from the base
+               stage-2 model with ``--stage2``, else from the pretrained unCLIP (``--epochs-stage2 0``: off)
+7. reconstruct S's shared test images through `brainit-pl reconstruct`, scored
+
+OUT/<step>/ holds each step's output (checkpoints, TensorBoard logs under OUT/<step>/tb) and its
+``result.json`` (settings, metrics, seconds), written last: a re-run skips finished steps (a finished step
+made with other settings is refused; an interrupted training step starts over). OUT/summary.json gathers the
+metrics and timings. The checkpoints load on their own: OUT/encoder/encoder.ckpt is an EncoderModule of the
+base subjects + S (what ``synthesize-fmri`` reads), OUT/semantic|lowlevel/*.ckpt are BITModules with the
+clusters OUT/v2c/clusters.npz (what ``reconstruct`` reads), OUT/stage2/stage2.ckpt a Stage2Module with
+OUT/stage2/semantic.ckpt (its adapted BIT as a BITModule) and, from a base stage-2 model, OUT/stage2/unclip.ckpt
+(its UNet as an sgm checkpoint). Training data settings (voxels per sample, batch size, ...) are the base
+runs' (from their checkpoints), with S's data only; trainings run on one device.
+
+examples:
+  brainit-pl transfer --store data/store --subject 2 --hours 1 --encoder base/encoder.ckpt \\
+      --clusters base/v2c/clusters.npz --semantic base/semantic.ckpt --lowlevel base/lowlevel.ckpt \\
+      --stage2 base/stage2.ckpt --images-hdf5 coco_unlabeled_224.hdf5 --out runs/transfer_subj02_1h
+  brainit-pl transfer ... --init random --out runs/transfer_subj02_1h_random     # the init ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from brainit_pl.data.datamodule import NSDDataModule
+from brainit_pl.errors import require
+from brainit_pl.files import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+STEPS = ("encoder", "v2c", "synthetic", "semantic", "lowlevel", "stage2", "reconstruct")
+# Data settings taken from the base run's checkpoint (its DataModule's hyperparameters) ...
+INHERITED_DATA = (
+    "voxels_per_sample",
+    "voxel_replacement",
+    "average_repeats",
+    "test_average_repeats",
+    "image_sizes",
+    "features",
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+    "pin_memory",
+)
+# ... or, for a checkpoint without them, the paper's (configs/subj01.yaml, encoder.yaml, stage2_subj01.yaml).
+FALLBACK_DATA: dict[str, dict[str, Any]] = {
+    "encoder": {"voxels_per_sample": 5000, "image_sizes": [224], "features": [], "batch_size": 32},
+    "semantic": {"voxels_per_sample": 15000, "image_sizes": [], "features": ["clip"], "batch_size": 128},
+    "lowlevel": {"voxels_per_sample": 15000, "image_sizes": [112], "features": [], "batch_size": 64},
+    "stage2": {"voxels_per_sample": 15000, "image_sizes": [224], "features": [], "batch_size": 8},
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``brainit-pl transfer``."""
+    add = parser.add_argument
+    add("--store", type=Path, required=True, help="the prepared store holding S and the base subjects")
+    add("--subject", type=int, required=True, help="the new subject S")
+    add("--hours", type=float, default=1.0, help="S's training data: 1, 0.5, 0.25 (first trials) [1]")
+    add("--encoder", type=Path, required=True, help="base EncoderModule checkpoint")
+    add("--clusters", type=Path, required=True, help="the base V2C clusters.npz")
+    add("--semantic", type=Path, required=True, help="base semantic BIT checkpoint")
+    add("--lowlevel", type=Path, required=True, help="base low-level BIT checkpoint")
+    add("--stage2", type=Path, help="base stage-2 checkpoint (its UNet and BIT start stage 2)")
+    add("--out", type=Path, required=True, help="output folder")
+    add("--init", choices=("nn", "random"), default="nn", help="S's BIT voxel embeddings' init [nn]")
+    add("--external-images", type=int, default=1000, metavar="N", help="simulated external images [1000]")
+    add("--images-hdf5", type=Path, metavar="PATH", help="an external image set (N, 3, 224, 224) instead")
+    add("--external-ratio", type=float, default=3.0, help="synthetic samples per real one [3]")
+    add("--epochs-encoder", type=int, default=30, help="[30]")
+    add("--epochs-bit", type=int, default=50, help="[50]")
+    add("--epochs-stage2", type=int, default=10, help="0 skips stage 2 [10]")
+    add("--lr-encoder", type=float, default=1e-3, help="Adam (amsgrad) learning rate [1e-3]")
+    add("--lr-bit", type=float, default=5e-4, help="AdamW learning rate [5e-4]")
+    add("--lr-stage2", type=float, default=1e-5, help="AdamW learning rate [1e-5]")
+    add("--bit-warmup-epochs", type=int, default=0, help="cubic warm-up epochs of the BITs [0]")
+    add("--val-fraction", type=float, default=0.05, help="S's images held out for validation [0.05]")
+    add("--unclip", type=Path, help="MindEye2 unclip6 checkpoint [the weights folder's]")
+    add("--tiny-unclip", action="store_true", help="the random tiny unCLIP twin (smoke tests)")
+    add("--tiny-refine", action="store_true", help="add the refined stage with the tiny SDXL twin")
+    add("--refine", type=Path, help="SDXL base for the refined stage")
+    add("--clip-pretrained", help="OpenCLIP weights for the external images' tokens [the weights folder's]")
+    add("--limit", type=int, help="at most N test images reconstructed")
+    add("--dip-steps", type=int, default=1800, help="[1800]")
+    add("--dip-batch", type=int, default=16, help="[16]")
+    add("--dip-channels", type=int, default=128, help="[128]")
+    add("--nets", choices=("real", "tiny", "none"), default="real", help="metric networks [real]")
+    add("--weights-dir", type=Path, help="weights folder [$BRAINIT_WEIGHTS]")
+    add("--device", help="torch device [cuda if available, else cpu]")
+    add("--precision", help="Lightning precision [bf16-mixed on CUDA, else 32-true]")
+    add("--num-workers", type=int, help="DataLoader workers [the base runs']")
+    add("--seed", type=int, default=0, help="[0]")
+    add("--overwrite", action="store_true", help="discard every earlier step in OUT")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``brainit-pl transfer`` with parsed ``args``."""
+    summary = transfer(args)
+    log.info("summary: %s", json.dumps({k: v for k, v in summary.items() if k != "recon"}))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- inputs
+class TableDataModule(NSDDataModule):
+    """An NSDDataModule of some subjects whose voxel ids are the rows of a larger voxel table.
+
+    The transferred models' table holds the base subjects and S, but they train on S's data alone: the
+    batches carry S's voxel ids *in that table* (``voxel_offsets`` from ``voxel_table``).
+
+    Args:
+        store: the store.
+        voxel_table: subject → voxel count of the models' table (every subject of ``subjects`` in it).
+        **kwargs: :class:`~brainit_pl.data.datamodule.NSDDataModule`'s other arguments.
+    """
+
+    def __init__(self, store: str, voxel_table: dict[int, int], **kwargs: Any) -> None:
+        from brainit_pl.models.encoder import voxel_offsets
+
+        super().__init__(store, **kwargs)
+        require(
+            all(voxel_table.get(s) == v for s, v in self.n_voxels.items()),
+            f"the store's voxel counts {self.n_voxels} do not fit the models' voxel table {voxel_table}",
+        )
+        offsets = voxel_offsets(voxel_table)
+        self.voxel_offsets = {s: offsets[s] for s in self.subjects}
+
+
+class Plan:
+    """The checked inputs of a transfer: base checkpoints, the new subject, its voxel table.
+
+    Raises:
+        BrainITError: S absent from the store or already in a base voxel table, base models of different
+            voxel tables, a clusters file of other subjects (or not the base BITs'), a wrong branch.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from brainit_pl.data.store import Store
+        from brainit_pl.lit.bit import file_digest
+        from brainit_pl.models.v2c import load_clusters
+
+        self.args, self.out, s = args, Path(args.out), args.subject
+        self.store = Store(args.store)
+        require(
+            s in self.store.subjects,
+            f"subject {s} is not in the store {self.store.root} (it has subjects {self.store.subjects})",
+        )
+        require(args.hours > 0, f"--hours must be positive, got {args.hours}")
+        names = {"encoder": args.encoder, "semantic": args.semantic, "lowlevel": args.lowlevel}
+        if args.stage2 is not None:
+            names["stage2"] = args.stage2
+        self.ckpt = {k: _metadata(p, k) for k, p in names.items()}
+        tables = {k: _counts(c["hyper_parameters"]["n_voxels"]) for k, c in self.ckpt.items()}
+        self.base = tables["encoder"]
+        require(
+            all(t == self.base for t in tables.values()),
+            f"the base models have different voxel tables: {tables}; give models of the same subjects",
+        )
+        require(
+            s not in self.base,
+            f"subject {s} is already in the base models' voxel table (subjects {sorted(self.base)}): "
+            "transfer needs base models trained without it",
+        )
+        for subject, count in self.base.items():
+            found = self.store.subject(subject).n_voxels if subject in self.store.subjects else None
+            require(
+                found == count,
+                f"base subject {subject} has {count} voxels in the models but {found or 'none'} in the "
+                f"store {self.store.root}; use the store the base models were trained on",
+            )
+        for branch in ("semantic", "lowlevel"):
+            found = self.ckpt[branch]["hyper_parameters"].get("branch")
+            require(found == branch, f"--{branch} {names[branch]} is a {found} BIT checkpoint")
+        clusters = load_clusters(args.clusters)
+        require(
+            clusters.n_voxels == self.base,
+            f"the clusters in {args.clusters} were made for the voxel table {clusters.n_voxels} (subject: "
+            f"voxels), the base models have {self.base}; give the base models' clusters.npz",
+        )
+        digest = file_digest(args.clusters)
+        for branch in ("semantic", "lowlevel"):
+            trained = self.ckpt[branch].get("brainit_bit", {}).get("clusters_sha1")
+            require(
+                trained == digest,
+                f"--clusters {args.clusters} is not the clusters file the base {branch} BIT was trained with",
+            )
+        self.clusters = clusters
+        self.new = {s: self.store.subject(s).n_voxels}
+        self.table = dict(sorted({**self.base, **self.new}.items()))
+        stage2 = self.ckpt.get("stage2", {}).get("hyper_parameters", {})
+        self.tiny_unclip = bool(args.tiny_unclip or stage2.get("tiny_unclip", False))
+
+    def data_settings(self, step: str, base: str) -> dict[str, Any]:
+        """The DataModule settings of the base run ``base`` (its checkpoint's), for ``step``'s fallbacks."""
+        saved = self.ckpt.get(base, {}).get("datamodule_hyper_parameters", {})
+        return {**FALLBACK_DATA[step], **{k: saved[k] for k in INHERITED_DATA if k in saved}}
+
+    def data(self, step: str, base: str, **overrides: Any) -> TableDataModule:
+        """S's DataModule for ``step``, with the data settings of the base checkpoint ``base``."""
+        settings = self.data_settings(step, base)
+        if self.args.num_workers is not None:
+            settings["num_workers"] = self.args.num_workers
+        settings.update(
+            subjects=[self.args.subject],
+            hours=self.args.hours,
+            val_fraction=self.args.val_fraction,
+            seed=self.args.seed,
+            **overrides,
+        )
+        dm = TableDataModule(str(self.store.root), self.table, **settings)
+        dm.setup("fit")
+        require(
+            len(dm.samples["val"]) >= 2,
+            f"hours={self.args.hours} with --val-fraction {self.args.val_fraction} leaves "
+            f"{len(dm.samples['val'])} validation image(s) of subject {self.args.subject}; at least 2 are "
+            "needed (they choose the best checkpoint): raise --val-fraction",
+        )
+        return dm
+
+
+def _metadata(path: Path, what: str) -> dict[str, Any]:
+    """What the steps need of a base checkpoint: its model and data hyperparameters, its BIT record.
+
+    The weights are read again by the step that uses them: a stage-2 checkpoint is ~10 GB.
+    """
+    from brainit_pl.lit.encoder import read_checkpoint
+
+    ckpt = read_checkpoint(path, what)
+    return {
+        k: ckpt[k] for k in ("hyper_parameters", "datamodule_hyper_parameters", "brainit_bit") if k in ckpt
+    }
+
+
+def _counts(n_voxels: dict[Any, Any]) -> dict[int, int]:
+    return {int(s): int(v) for s, v in sorted(n_voxels.items(), key=lambda kv: int(kv[0]))}
+
+
+def _identity(path: Path | None) -> dict[str, Any] | None:
+    """What a finished step must share with a re-run: an input file's path, size and modification time."""
+    if path is None:
+        return None
+    stat = Path(path).stat()
+    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+# ------------------------------------------------------------------------------------------- steps
+class Steps:
+    """Runs each step once: a finished step (its ``result.json``) is skipped, if made with the same settings."""
+
+    def __init__(self, out: Path, overwrite: bool) -> None:
+        self.out = out
+        if overwrite:
+            for name in STEPS:
+                shutil.rmtree(out / name, ignore_errors=True)
+            (out / "summary.json").unlink(missing_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
+
+    def run(
+        self, name: str, settings: dict[str, Any], fn: Callable[[Path], dict], *, resumable: bool = False
+    ) -> dict[str, Any]:
+        """``fn(folder)`` → metrics, unless done before; returns the step's record (settings, seconds, ...).
+
+        Args:
+            resumable: the step resumes an interrupted run by itself (else an unfinished folder is cleared).
+        """
+        folder, number = self.out / name, f"[{STEPS.index(name) + 1}/{len(STEPS)}] {name}"
+        settings = json.loads(json.dumps(settings))  # as it reads back from JSON
+        record = folder / "result.json"
+        if record.exists():
+            saved = json.loads(record.read_text())
+            differ = sorted(
+                k for k in {*settings, *saved["settings"]} if saved["settings"].get(k) != settings.get(k)
+            )
+            require(
+                not differ,
+                f"{folder} was made with other settings ({', '.join(differ)}); pass --overwrite or choose "
+                "another --out",
+            )
+            log.info("%s: done before (%.0f s), skipped", number, saved["seconds"])
+            return saved
+        if folder.exists() and not resumable:
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        log.info("%s ...", number)
+        start = time.perf_counter()
+        result = {"settings": settings, **fn(folder)}
+        result["seconds"] = time.perf_counter() - start
+        atomic_write_text(record, json.dumps(result, indent=2) + "\n")
+        log.info("%s: done in %.1f s", number, result["seconds"])
+        return result
+
+
+class EpochLog(L.Callback):
+    """One log line per training epoch with its validation metrics (the progress bar is off outside a tty)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        shown = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        log.info("%s: epoch %d/%d %s", self.name, trainer.current_epoch + 1, trainer.max_epochs, shown)
+
+
+def _trainer(plan: Plan, folder: Path, epochs: int, monitor: str, mode: str) -> L.Trainer:
+    """A one-device Trainer logging to ``folder/tb`` and keeping the best checkpoint on ``monitor``."""
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from brainit_pl.devices import resolve_device
+
+    dev = resolve_device(plan.args.device)
+    precision = plan.args.precision or ("bf16-mixed" if dev.type == "cuda" else "32-true")
+    _seed(plan)  # the training's draws do not depend on what building the module drew
+    return L.Trainer(
+        accelerator="gpu" if dev.type == "cuda" else "cpu",
+        devices=[dev.index or 0] if dev.type == "cuda" else 1,
+        precision=precision,
+        max_epochs=epochs,
+        logger=TensorBoardLogger(str(folder), name="tb", version=""),
+        callbacks=[
+            ModelCheckpoint(folder / "checkpoints", filename="best", monitor=monitor, mode=mode),
+            LearningRateMonitor(),
+            EpochLog(folder.name),
+        ],
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        default_root_dir=str(folder),
+    )
+
+
+def _seed(plan: Plan) -> None:
+    """Seed Python, numpy and torch with ``--seed`` (the new rows' random init, the training's draws)."""
+    L.seed_everything(plan.args.seed, workers=True, verbose=False)
+
+
+def _fit(plan: Plan, module, dm, folder: Path, name: str, epochs: int, monitor: str, mode: str) -> dict:
+    """Train, score the best checkpoint on S's validation images, keep it as ``folder/name``."""
+    require(epochs >= 1, f"the {name} training needs at least 1 epoch, got {epochs}")
+    trainer = _trainer(plan, folder, epochs, monitor, mode)
+    trainer.fit(module, datamodule=dm)
+    best = trainer.checkpoint_callback.best_model_path
+    (metrics,) = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)
+    os.replace(best, folder / name)
+    shutil.rmtree(folder / "checkpoints", ignore_errors=True)
+    return {"val": {k: float(v) for k, v in metrics.items()}, "checkpoint": str(folder / name)}
+
+
+def _encoder_step(plan: Plan, folder: Path) -> dict:
+    from brainit_pl.lit.encoder import EncoderModule
+
+    _seed(plan)
+    module = EncoderModule.transfer_from(plan.args.encoder, plan.new, lr=plan.args.lr_encoder)
+    dm = plan.data("encoder", "encoder")
+    return _fit(
+        plan, module, dm, folder, "encoder.ckpt", plan.args.epochs_encoder, "val/voxel_corr_p75", "max"
+    )
+
+
+def _v2c_step(plan: Plan, folder: Path) -> dict:
+    """Nearest reference voxel of each of S's voxels: its cluster, and the BITs' init source."""
+    from brainit_pl.lit.encoder import read_checkpoint
+    from brainit_pl.models.encoder import move_voxel_ids, voxel_offsets
+    from brainit_pl.models.v2c import ClusterMap, l2_normalise, nearest_reference, save_clusters
+
+    s, clusters = plan.args.subject, plan.clusters
+    state = read_checkpoint(plan.out / "encoder" / "encoder.ckpt", "EncoderModule")["state_dict"]
+    table = state["encoder.voxel_embed.weight"].float().numpy()  # (V_table, E): base rows as trained
+    offsets = voxel_offsets(plan.table)
+    rows = {t: table[offsets[t] : offsets[t] + v] for t, v in plan.table.items()}
+    if clusters.kind == "anatomical":  # the ablation's clusters live in mm: so do its neighbours
+        feats = {t: plan.store.subject(t).xyz.astype(np.float64) for t in plan.table}
+    else:
+        feats = {t: l2_normalise(r.astype(np.float64), f"subject {t}'s embeddings") for t, r in rows.items()}
+    reference = np.concatenate([feats[t] for t in plan.base])  # (V_base, E), base global order
+    labels, source = nearest_reference(feats[s], reference, clusters.cluster_of_voxel)  # (V_s,) each
+    similarity = (feats[s] * reference[source]).sum(1) if clusters.kind != "anatomical" else None
+    full = np.concatenate([labels if t == s else clusters.subject_labels(t) for t in plan.table])
+    save_clusters(
+        folder / "clusters.npz",
+        ClusterMap(full, plan.table, clusters.n_clusters, clusters.kind, clusters.seed),
+    )
+    target = np.arange(offsets[s], offsets[s] + plan.new[s])
+    source = move_voxel_ids(torch.from_numpy(source), plan.base, plan.table).numpy()
+    with atomic_path(folder / "neighbours.npz") as tmp, open(tmp, "wb") as f:
+        np.savez(f, target_ids=target, source_ids=source)
+    base_start = np.array([offsets[t] for t in plan.base])
+    by_subject = np.searchsorted(base_start, source, side="right") - 1
+    return {
+        "clusters": str(folder / "clusters.npz"),
+        "kind": clusters.kind,
+        "clusters_used": int(len(np.unique(labels))),
+        "n_clusters": clusters.n_clusters,
+        "neighbours_per_subject": {str(t): int((by_subject == i).sum()) for i, t in enumerate(plan.base)},
+        "median_cosine": None if similarity is None else float(np.median(similarity)),
+    }
+
+
+def _synthetic_step(plan: Plan, folder: Path) -> dict:
+    from brainit_pl.features.cache import FeatureCache, cache_path
+    from brainit_pl.features.extract import extract_features
+    from brainit_pl.features.synthesize import synthesize_fmri
+
+    a = plan.args
+    synthesize_fmri(
+        plan.out / "encoder" / "encoder.ckpt", a.store, folder, n_images=a.external_images,
+        images_hdf5=a.images_hdf5, device=a.device,
+    )  # fmt: skip
+    if (
+        "clip" in plan.data_settings("semantic", "semantic")["features"]
+    ):  # the semantic BIT's targets of the external images, by the store's CLIP
+        ours = FeatureCache(cache_path(a.store, "clip"), plan.store.images)
+        extract_features(
+            folder, tiny=ours.arch == "tiny", pretrained=a.clip_pretrained, weights_dir=a.weights_dir,
+            device=a.device,
+        )  # fmt: skip
+        from brainit_pl.features.synthetic_store import SyntheticFMRI
+
+        theirs = FeatureCache(cache_path(folder, "clip"), SyntheticFMRI(folder).image_store)
+        require(
+            (theirs.arch, theirs.weights) == (ours.arch, ours.weights),
+            f"the external images' CLIP tokens come from {theirs.arch} ({theirs.weights}) but the store's "
+            f"from {ours.arch} ({ours.weights}); pass --clip-pretrained with the store's weights",
+        )
+    return {"folder": str(folder)}
+
+
+def _bit_step(plan: Plan, folder: Path, branch: str, external: Path | None) -> dict:
+    from brainit_pl.lit.bit import BITModule
+
+    a = plan.args
+    neighbours = None
+    if a.init == "nn":
+        with np.load(plan.out / "v2c" / "neighbours.npz") as f:
+            neighbours = torch.from_numpy(f["target_ids"]), torch.from_numpy(f["source_ids"])
+    _seed(plan)
+    module = BITModule.transfer_from(
+        getattr(a, branch), plan.new, plan.out / "v2c" / "clusters.npz", neighbours,
+        lr=a.lr_bit, warmup_epochs=a.bit_warmup_epochs, quality_every_n_epochs=1,
+    )  # fmt: skip
+    dm = plan.data(branch, branch, external=_str(external), external_ratio=a.external_ratio)
+    return _fit(plan, module, dm, folder, f"{branch}.ckpt", a.epochs_bit, "val/loss", "min")
+
+
+def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
+    """S's rows of the semantic BIT trained with the diffusion loss; the adapted BIT (and UNet) exported."""
+    from brainit_pl.lit.bit import BITModule
+    from brainit_pl.lit.stage2 import Stage2Module
+
+    a = plan.args
+    semantic = plan.out / "semantic" / "semantic.ckpt"
+    base = plan.ckpt.get("stage2", {}).get("hyper_parameters", {})
+    kept = {k: base[k] for k in ("offset_noise", "image_size", "gradient_checkpointing") if k in base}
+    _seed(plan)
+    module = Stage2Module(
+        plan.table, bit_checkpoint=str(semantic), unclip=_str(a.unclip or base.get("unclip")),
+        tiny_unclip=plan.tiny_unclip, trainable="voxel_embed", voxel_subjects=[a.subject], lr=a.lr_stage2,
+        warmup_steps=0, weights_dir=_str(a.weights_dir), seed=a.seed, **kept,
+    )  # fmt: skip
+    if a.stage2 is not None:
+        module.init_from_stage2(a.stage2)
+    base_data = "stage2" if a.stage2 is not None else "semantic"
+    dm = plan.data(  # stage 2 reads the 224² images, not the CLIP cache
+        "stage2", base_data, external=_str(external), external_ratio=a.external_ratio, features=[],
+        image_sizes=[224],
+    )  # fmt: skip
+    result = _fit(plan, module, dm, folder, "stage2.ckpt", a.epochs_stage2, "val/loss", "min")
+    # The best weights are in ``module`` (validate loaded them): export what `reconstruct` reads.
+    bit = BITModule.load_from_checkpoint(semantic, map_location="cpu")
+    bit.net.load_state_dict(module.net.state_dict())
+    with atomic_path(folder / "semantic.ckpt") as tmp:
+        torch.save(bit.checkpoint_dict(), tmp)
+    result["semantic"] = str(folder / "semantic.ckpt")
+    if a.stage2 is not None:  # the base stage 2 fine-tuned the UNet: reconstruction samples with it
+        from brainit_pl.recon.sgm_keys import save_sgm_checkpoint
+
+        with atomic_path(folder / "unclip.ckpt") as tmp:
+            save_sgm_checkpoint(tmp, module.unet.cpu(), module.vae.cpu())
+        result["unclip"] = str(folder / "unclip.ckpt")
+    return result
+
+
+def _reconstruct_step(plan: Plan, folder: Path, stage2: dict | None) -> dict:
+    from brainit_pl.recon.reconstruct import reconstruct
+
+    a = plan.args
+    results = reconstruct(
+        a.store, folder, lowlevel=plan.out / "lowlevel" / "lowlevel.ckpt",
+        semantic=Path(stage2["semantic"]) if stage2 else plan.out / "semantic" / "semantic.ckpt",
+        unclip=Path(stage2["unclip"]) if stage2 and "unclip" in stage2 else a.unclip,
+        tiny_unclip=plan.tiny_unclip, refine=a.refine, tiny_refine=a.tiny_refine, subjects=[a.subject],
+        limit=a.limit, dip_steps=a.dip_steps, dip_batch=a.dip_batch, dip_channels=a.dip_channels,
+        nets=a.nets, weights_dir=a.weights_dir, device=a.device, seed=a.seed,
+    )  # fmt: skip
+    return {"metrics": {stage: r.get("mean", {}) for stage, r in results.items()}, "folder": str(folder)}
+
+
+def _str(path: Path | str | None) -> str | None:
+    return None if path is None else str(path)
+
+
+# ---------------------------------------------------------------------------------------- the command
+def transfer(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every step of the transfer (module docstring) and write OUT/summary.json.
+
+    Args:
+        args: the parsed options of ``brainit-pl transfer`` (:func:`add_arguments`).
+
+    Returns:
+        The summary: validation metrics of each training, reconstruction metrics, seconds per step.
+
+    Raises:
+        BrainITError: bad inputs (:class:`Plan`), a finished step of other settings in OUT, bad options.
+    """
+    require(args.external_images >= 0, f"--external-images must be >= 0, got {args.external_images}")
+    require(args.epochs_stage2 >= 0, f"--epochs-stage2 must be >= 0, got {args.epochs_stage2}")
+    plan = Plan(args)
+    steps = Steps(args.out, args.overwrite)
+    common = {"store": str(Path(args.store).resolve()), "subject": args.subject, "hours": args.hours}
+    common.update(seed=args.seed, val_fraction=args.val_fraction, precision=args.precision)
+    enc = {**common, "encoder": _identity(args.encoder), "epochs": args.epochs_encoder, "lr": args.lr_encoder}
+    records = {"encoder": steps.run("encoder", enc, lambda f: _encoder_step(plan, f))}
+    v2c = {"after": enc, "clusters": _identity(args.clusters)}
+    records["v2c"] = steps.run("v2c", v2c, lambda f: _v2c_step(plan, f))
+
+    external = None
+    if args.images_hdf5 is not None or args.external_images > 0:
+        images = _identity(args.images_hdf5) if args.images_hdf5 else {"simulated": args.external_images}
+        synth = {"after": enc, "images": images, "clip": args.clip_pretrained}
+        records["synthetic"] = steps.run(
+            "synthetic", synth, lambda f: _synthetic_step(plan, f), resumable=True
+        )
+        external = args.out / "synthetic"
+    bit = {"after": [v2c, records.get("synthetic", {}).get("settings")], "init": args.init}
+    bit.update(
+        epochs=args.epochs_bit, lr=args.lr_bit, warmup=args.bit_warmup_epochs, ratio=args.external_ratio
+    )
+    for branch in ("semantic", "lowlevel"):
+        settings = {**bit, "base": _identity(getattr(args, branch))}
+        records[branch] = steps.run(branch, settings, lambda f, b=branch: _bit_step(plan, f, b, external))
+
+    stage2 = None
+    if args.epochs_stage2 > 0:
+        settings = {"after": records["semantic"]["settings"], "base": _identity(args.stage2)}
+        settings.update(epochs=args.epochs_stage2, lr=args.lr_stage2, unclip=_str(args.unclip))
+        settings["tiny_unclip"] = plan.tiny_unclip
+        stage2 = steps.run("stage2", settings, lambda f: _stage2_step(plan, f, external))
+        records["stage2"] = stage2
+    recon = {"after": [records[k]["settings"] for k in ("lowlevel", "semantic")]}
+    recon.update(stage2=stage2["settings"] if stage2 else None, unclip=_str(args.unclip))
+    recon.update(tiny_unclip=plan.tiny_unclip, refine=_str(args.refine), tiny_refine=args.tiny_refine)
+    recon.update(limit=args.limit, dip_steps=args.dip_steps, dip_channels=args.dip_channels, nets=args.nets)
+    records["reconstruct"] = steps.run(
+        "reconstruct", recon, lambda f: _reconstruct_step(plan, f, stage2), resumable=True
+    )
+    summary = _summary(plan, records)
+    atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s", args.out / "summary.json")
+    return summary
+
+
+def _summary(plan: Plan, records: dict[str, dict]) -> dict[str, Any]:
+    def val(step: str, key: str) -> float | None:
+        return records.get(step, {}).get("val", {}).get(key)
+
+    return {
+        "subject": plan.args.subject,
+        "hours": plan.args.hours,
+        "init": plan.args.init,
+        "base_subjects": sorted(plan.base),
+        "n_voxels": plan.new[plan.args.subject],
+        "encoder_val_corr_p75": val("encoder", "val/voxel_corr_p75"),
+        "semantic_val_cos": val("semantic", "val/clip_cos"),
+        "semantic_val_2way": val("semantic", "val/clip_2way"),
+        "lowlevel_val_2way": val("lowlevel", "val/vgg_2way"),
+        "stage2_val_loss": val("stage2", "val/loss"),
+        "v2c": {k: records["v2c"][k] for k in ("clusters_used", "n_clusters", "median_cosine")},
+        "recon": records["reconstruct"]["metrics"],
+        "timings_s": {step: round(r["seconds"], 2) for step, r in records.items()},
+        "outputs": {step: str(plan.out / step) for step in records},
+    }
