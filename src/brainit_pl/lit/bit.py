@@ -38,6 +38,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.lit.schedule import CubicWarmupPlateau
 from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.bit import BIT, BITConfig
@@ -274,21 +275,16 @@ class BITModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         key = (self.hparams.seed * 1_000_003 + self.global_step) * 4099 + self.global_rank
         loss, _, _ = self._loss(batch, key)
-        self._check_finite(loss, batch, batch_idx)
+        check_finite_loss(
+            self,
+            loss,
+            batch,
+            batch_idx,
+            "training loss",
+            "lower model.init_args.lr, use 32-true precision, or check the data for NaN betas",
+        )
         self.log("train/loss", loss, batch_size=len(batch["betas"]), prog_bar=True)
         return loss
-
-    def _check_finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Stop with a message naming the step and batch when the loss is NaN/inf on any rank."""
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            ids = batch["nsd_id"].tolist()
-            raise BrainITError(
-                f"non-finite training loss ({float(loss)}) at global step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx} on rank {self.global_rank}; images {ids[:8]}"
-                f"{' ...' if len(ids) > 8 else ''}); nothing from this step was saved — lower model.init_args.lr, "
-                "use 32-true precision, or check the data for NaN betas"
-            )
 
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> None:
         bs = len(batch["betas"])

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from brainit_pl.backbones.frozen import FrozenBackbone
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.models.encoder import VoxelRows, grow_voxel_table
 from brainit_pl.recon.unclip import IMAGE_SIZE, OFFSET_NOISE, UnCLIPSampler, load_unclip, vector_condition
 
@@ -265,20 +266,16 @@ class Stage2Module(L.LightningModule):
         hp = self.hparams
         key = ((hp.seed * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx) * 4099 + self.global_rank
         loss = self.diffusion_loss(batch, self._generator(key))
-        self._check_finite(loss, batch, batch_idx)
+        check_finite_loss(
+            self,
+            loss,
+            batch,
+            batch_idx,
+            "stage-2 loss",
+            "lower model.init_args.lr, or use bf16-mixed / 32-true precision",
+        )
         self.log("train/loss", loss, batch_size=len(batch["betas"]), prog_bar=True)
         return loss
-
-    def _check_finite(self, loss: Tensor, batch: dict[str, Tensor], batch_idx: int) -> None:
-        """Stop with a message naming the step and batch when the loss is NaN/inf on any rank."""
-        finite = self.trainer.strategy.reduce_boolean_decision(bool(torch.isfinite(loss)), all=True)
-        if not finite:
-            ids = batch["nsd_id"].tolist()
-            raise BrainITError(
-                f"non-finite stage-2 loss ({float(loss)}) at global step {self.global_step} (epoch "
-                f"{self.current_epoch}, batch {batch_idx} on rank {self.global_rank}; images {ids[:8]}); "
-                "lower model.init_args.lr, or use bf16-mixed / 32-true precision"
-            )
 
     def _eval_step(self, batch: dict[str, Tensor], batch_idx: int, stage: str) -> None:
         key = (self.hparams.seed + 7_919) * 1_000_003 + batch_idx * 4099 + self.global_rank  # fixed draws
