@@ -9,7 +9,8 @@ For every test image of every subject (repeats averaged, all voxels):
 
 Output folder ``OUT``::
 
-    OUT/gt/NNNNN.png                  the 224² stimuli (file name: the 0-based 73k id, 5 digits)
+    OUT/gt/subjNN/NNNNN.png           the 224² stimuli each subject's images are scored against (file name:
+                                      the 0-based 73k id, 5 digits; --limit picks other images per subject)
     OUT/subjNN/<stage>/NNNNN.png      224² reconstructions, stage = lowlevel | semantic | refined
     OUT/subjNN/<stage>.npz            the same as arrays: nsd_id (N,), images (N, 3, 224, 224) uint8
     OUT/metrics_<stage>/metrics.*     the metric suite on that stage, a row per subject (evaluate's report)
@@ -156,13 +157,18 @@ def reconstruct(
         subject = int(batch["subject"][0])
         if subject not in wanted:
             continue
-        keep = []
+        keep, gt_missing = [], []
         for i, nsd_id in enumerate(batch["nsd_id"].tolist()):
             if limit is not None and done_per_subject.get(subject, 0) >= limit:
                 break
             done_per_subject[subject] = done_per_subject.get(subject, 0) + 1
             if not all((out / f"subj{subject:02d}" / s / _name(nsd_id)).exists() for s in stages):
                 keep.append(i)
+            elif not (out / "gt" / f"subj{subject:02d}" / _name(nsd_id)).exists():
+                gt_missing.append(i)  # reconstructed by an earlier run: only its ground truth to write
+        if gt_missing:
+            names = [_name(batch["nsd_id"][i]) for i in gt_missing]
+            _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"][torch.tensor(gt_missing)])
         if keep:
             rows = torch.tensor(keep)
             part = {k: v[rows] for k, v in batch.items()}
@@ -195,7 +201,7 @@ def save_batch(out: Path, batch: dict[str, torch.Tensor], images: dict[str, torc
     subject, names = int(batch["subject"][0]), [_name(i) for i in batch["nsd_id"].tolist()]
     for stage, pixels in images.items():
         _save_pngs(out / f"subj{subject:02d}" / stage, names, _resize(pixels))
-    _save_pngs(out / "gt", names, batch["image_224"])
+    _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"])
 
 
 def _resize(images: torch.Tensor) -> torch.Tensor:
@@ -271,7 +277,7 @@ def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, devic
             with atomic_path(sub / f"{stage}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, nsd_id=np.array([int(n[:-4]) for n in names]), images=arrays)
         shown = names[:GRID_IMAGES]
-        for row, folder in zip(rows, [out / "gt", *(sub / s for s in stages)]):
+        for row, folder in zip(rows, [out / "gt" / sub.name, *(sub / s for s in stages)]):
             row.extend(np.asarray(Image.open(folder / n)) for n in shown)
     if rows[0]:
         save_image_grid(out / "reconstructions.png", [np.stack(r) for r in rows])
