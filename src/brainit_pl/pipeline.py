@@ -214,11 +214,12 @@ class Demo:
     def _reconstruct(self, store: Path, lowlevel: Path, semantic: Path) -> None:
         folder = self.out / "reconstruct"
         a = self.args
+        # No --overwrite: an interrupted reconstruct run resumes where it stopped.
         self.step("reconstruct", folder / "metrics_semantic" / "metrics.json", lambda: self.sh(
             "reconstruct", "--store", str(store), "--out", str(folder), "--lowlevel", str(lowlevel),
             "--semantic", str(semantic), "--tiny-unclip", "--nets", "tiny", "--limit", str(a.recon_images),
             "--dip-steps", str(a.dip_steps), "--dip-channels", "16", "--dip-batch", "8", "--batch-size", "8",
-            "--device", "cpu", "--overwrite"))  # fmt: skip
+            "--device", "cpu"))  # fmt: skip
         names = {"lowlevel": "low_level", "semantic": "semantic", "refined": "refined"}
         self.summary["recon"] = {
             names[stage]: json.loads((folder / f"metrics_{stage}" / "metrics.json").read_text())["mean"]
