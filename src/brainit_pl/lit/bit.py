@@ -42,7 +42,7 @@ from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.lit.schedule import CubicWarmupPlateau
 from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.bit import BIT, BITConfig
-from brainit_pl.models.encoder import VoxelRows, grow_voxel_table
+from brainit_pl.models.encoder import VoxelRows, extended_table, grow_voxel_table
 from brainit_pl.models.losses import infonce_per_scale, semantic_mse
 
 log = logging.getLogger(__name__)
@@ -416,13 +416,7 @@ class BITModule(L.LightningModule):
             f"{checkpoint} is a {hparams.get('decoder')} decoder; transfer adds voxel embeddings to a BIT",
         )
         base = {int(s): int(v) for s, v in hparams["n_voxels"].items()}
-        taken = sorted(set(new_voxels) & set(base))
-        require(
-            not taken,
-            f"subject(s) {taken} are already in the voxel table of {checkpoint} (subjects {sorted(base)}): "
-            "transfer needs base models trained without the new subject",
-        )
-        table = dict(sorted({**base, **{int(s): int(v) for s, v in new_voxels.items()}}.items()))
+        table = extended_table(base, new_voxels, checkpoint)
         names = inspect.signature(cls.__init__).parameters
         kwargs = {k: v for k, v in hparams.items() if k in names}
         kwargs.update(

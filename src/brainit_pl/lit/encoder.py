@@ -30,7 +30,9 @@ from brainit_pl.errors import BrainITError, require
 from brainit_pl.models.encoder import (
     UniversalEncoder,
     VoxelRows,
+    check_trainable,
     encoder_loss,
+    extended_table,
     grow_voxel_table,
     random_shift,
 )
@@ -166,13 +168,7 @@ class EncoderModule(L.LightningModule):
         voxel_subjects: list[int] | None = None,
     ) -> None:
         super().__init__()
-        require(
-            trainable in ("all", "voxel_embed"), f"trainable must be all or voxel_embed, got {trainable!r}"
-        )
-        require(
-            voxel_subjects is None or trainable == "voxel_embed",
-            "voxel_subjects restricts the voxel table's training: it needs trainable=voxel_embed",
-        )
+        check_trainable(trainable, voxel_subjects)
         self.save_hyperparameters()
         self.encoder = UniversalEncoder(
             n_voxels,
@@ -319,13 +315,7 @@ class EncoderModule(L.LightningModule):
         ckpt = read_checkpoint(checkpoint, "EncoderModule")
         hparams = ckpt["hyper_parameters"]
         base = {int(s): int(v) for s, v in hparams["n_voxels"].items()}
-        taken = sorted(set(new_voxels) & set(base))
-        require(
-            not taken,
-            f"subject(s) {taken} are already in the voxel table of {checkpoint} (subjects {sorted(base)}): "
-            "transfer needs base models trained without the new subject",
-        )
-        table = dict(sorted({**base, **{int(s): int(v) for s, v in new_voxels.items()}}.items()))
+        table = extended_table(base, new_voxels, checkpoint)
         names = inspect.signature(cls.__init__).parameters
         kwargs = {k: v for k, v in hparams.items() if k in names}
         kwargs.update(n_voxels=table, trainable="voxel_embed", voxel_subjects=sorted(new_voxels), **overrides)

@@ -51,7 +51,7 @@ from torch import Tensor
 from brainit_pl.backbones.frozen import FrozenBackbone
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.lit.guards import check_finite_loss
-from brainit_pl.models.encoder import VoxelRows, grow_voxel_table
+from brainit_pl.models.encoder import VoxelRows, check_trainable, grow_voxel_table
 from brainit_pl.recon.unclip import IMAGE_SIZE, OFFSET_NOISE, UnCLIPSampler, load_unclip, vector_condition
 
 if TYPE_CHECKING:
@@ -127,13 +127,7 @@ class Stage2Module(L.LightningModule):
         voxel_subjects: list[int] | None = None,
     ) -> None:
         super().__init__()
-        require(
-            trainable in ("all", "voxel_embed"), f"trainable must be all or voxel_embed, got {trainable!r}"
-        )
-        require(
-            voxel_subjects is None or trainable == "voxel_embed",
-            "voxel_subjects restricts the voxel table's training: it needs trainable=voxel_embed",
-        )
+        check_trainable(trainable, voxel_subjects)
         require(
             warmup_steps >= 0 and 0 < warmup_start <= 1, "need warmup_steps >= 0 and 0 < warmup_start <= 1"
         )

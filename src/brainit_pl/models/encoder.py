@@ -227,6 +227,31 @@ def voxel_offsets(n_voxels: Mapping[int, int]) -> dict[int, int]:
     return offsets
 
 
+def check_trainable(trainable: str, voxel_subjects: Sequence[int] | None) -> None:
+    """The ``trainable`` / ``voxel_subjects`` hparams of the modules that can train the voxel table alone."""
+    require(trainable in ("all", "voxel_embed"), f"trainable must be all or voxel_embed, got {trainable!r}")
+    require(
+        voxel_subjects is None or trainable == "voxel_embed",
+        "voxel_subjects restricts the voxel table's training: it needs trainable=voxel_embed",
+    )
+
+
+def extended_table(base: Mapping[Any, Any], new_voxels: Mapping[int, int], checkpoint: Any) -> dict[int, int]:
+    """A base checkpoint's voxel table (subject → count) with the new subjects added, sorted by subject.
+
+    Raises:
+        BrainITError: a new subject already in the base table (transfer needs base models without it).
+    """
+    base = {int(s): int(v) for s, v in base.items()}
+    taken = sorted(set(new_voxels) & set(base))
+    require(
+        not taken,
+        f"subject(s) {taken} are already in the voxel table of {checkpoint} (subjects {sorted(base)}): "
+        "transfer needs base models trained without the new subject",
+    )
+    return dict(sorted({**base, **{int(s): int(v) for s, v in new_voxels.items()}}.items()))
+
+
 def _require_part(n_voxels: Mapping[int, int], table: Mapping[int, int]) -> None:
     require(
         all(table.get(s) == v for s, v in n_voxels.items()),
