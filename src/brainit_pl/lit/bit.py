@@ -42,7 +42,7 @@ from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.lit.schedule import CubicWarmupPlateau
 from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.bit import BIT, BITConfig
-from brainit_pl.models.encoder import VoxelRows, extended_table, grow_voxel_table
+from brainit_pl.models.encoder import VoxelRows, check_trainable, extended_table, grow_voxel_table
 from brainit_pl.models.losses import infonce_per_scale, semantic_mse
 
 log = logging.getLogger(__name__)
@@ -135,16 +135,10 @@ class BITModule(L.LightningModule):
         require(branch in ("semantic", "lowlevel"), f"branch must be semantic or lowlevel, got {branch!r}")
         require(decoder in ("bit", "mindeye2"), f"decoder must be bit or mindeye2, got {decoder!r}")
         require(quality_every_n_epochs >= 1, "quality_every_n_epochs must be >= 1")
-        require(
-            trainable in ("all", "voxel_embed"), f"trainable must be all or voxel_embed, got {trainable!r}"
-        )
+        check_trainable(trainable, voxel_subjects)
         require(
             trainable == "all" or decoder == "bit",
             "trainable=voxel_embed trains the BIT's voxel table: it needs decoder=bit",
-        )
-        require(
-            voxel_subjects is None or trainable == "voxel_embed",
-            "voxel_subjects restricts the voxel table's training: it needs trainable=voxel_embed",
         )
         self.save_hyperparameters()
         self.n_voxels = {int(s): int(v) for s, v in sorted(n_voxels.items())}
