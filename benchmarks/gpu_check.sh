@@ -12,8 +12,10 @@
 #   dip        benchmarks/recon_dip.py: batched vs one-at-a-time DIP inversion, s/image at 1,800 steps
 #   unclip     benchmarks/recon.py --real: the 2.5 B unCLIP UNet's sampling, s/image
 #   stage2     benchmarks/stage2.py: stage-2 training step at the real shapes, s/step and peak memory
-# On the lent machine the project's packages that its image lacks come as wheels in .whl/ (see
-# benchmarks/RESULTS.md); elsewhere install the project first.
+# On the lent machine (torch, lightning, transformers... preinstalled) the project's other packages travel as
+# wheels: diffusers, open_clip_torch, ftfy, wcwidth, omegaconf, jsonargparse, docstring_parser,
+# typeshed_client, nilearn, nibabel (pip download --no-deps ... -d .whl, then pip install --target). Elsewhere
+# install the project first (make install) and run with PYTHON=.venv/bin/python.
 set -u
 OUT=${1:?usage: gpu_check.sh OUTDIR}
 mkdir -p "$OUT"

@@ -43,7 +43,9 @@ def worker(trainable: str, args: argparse.Namespace) -> dict:
     cuda = device.type == "cuda"
     subjects, voxels = 8, args.voxels
     config = dataclasses.replace(BIT_TINY, n_out=8, out_dim=32) if args.tiny else BIT_SEMANTIC
-    labels = torch.randint(0, config.n_clusters, (subjects * voxels,), generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(
+        0, config.n_clusters, (subjects * voxels,), generator=torch.Generator().manual_seed(0)
+    )
 
     module = nn.Module.__new__(Stage2Module)  # the parts without the constructor's checkpoint loading
     nn.Module.__init__(module)
@@ -104,9 +106,13 @@ def worker(trainable: str, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--batch", type=int, default=8, help="per-GPU batch (the authors: 8 per GPU, 4 accumulated)")
+    parser.add_argument(
+        "--batch", type=int, default=8, help="per-GPU batch (the authors: 8 per GPU, 4 accumulated)"
+    )
     parser.add_argument("--voxels", type=int, default=15000, help="voxels per example (and per subject)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -118,7 +124,9 @@ def main() -> None:
         print(json.dumps(worker(args.worker, args)))
         return
     argv = [a for a in sys.argv[1:]]
-    print(f"stage-2 training step, batch {args.batch}, {args.voxels} voxels/example, bf16 autocast, checkpointing")
+    print(
+        f"stage-2 training step, batch {args.batch}, {args.voxels} voxels/example, bf16 autocast, checkpointing"
+    )
     print("| trainable | trained parameters | s/step | samples/s | GPU memory after setup | peak |")
     print("|---|---|---|---|---|---|")
     for trainable in args.trainable:
