@@ -91,6 +91,25 @@ def test_lowlevel_fit_logs_two_way(bit_store, tmp_path):
     assert ckpt["state_dict"]["net.pred_tokens"].shape == (7190, 16)
 
 
+@pytest.mark.parametrize("positions", ["per_image", "shared"])
+def test_position_draws(positions):
+    from brainit_pl.lit.bit import BITModule
+
+    module = BITModule(
+        {1: 10, 2: 12}, branch="lowlevel", decoder="mindeye2", tiny_vgg=True, dim=16,
+        tokens_per_scale=[8, 8, 4, 4, 2], positions=positions,
+    )  # fmt: skip
+    ids, sizes = module._positions(batch_size=3, key=7)  # (B, Q)
+    assert ids.shape == (3, 26) and sizes == [8, 8, 4, 4, 2]
+    assert torch.equal(ids, module._positions(3, key=7)[0])  # keyed: the same draw again
+    starts = np.cumsum([0, *module.vgg_tokens.layout.counts])
+    for row in ids:  # n distinct positions of each scale, inside that scale
+        for (lo, hi), part in zip(zip(starts[:-1], starts[1:]), row.split(sizes)):
+            assert len(set(part.tolist())) == len(part) and ((part >= lo) & (part < hi)).all()
+    same = all(torch.equal(ids[0], row) for row in ids)
+    assert same == (positions == "shared")
+
+
 def test_resume_continues_exactly(bit_store, tmp_path):
     # Straight 4 epochs vs 2 + resume to 4: the warm-up (2 epochs) ends inside the first half.
     extra = ("--model.init_args.warmup_epochs", "2", "--model.init_args.lr_patience", "0")

@@ -83,6 +83,9 @@ class BITModule(L.LightningModule):
         gradient_checkpointing: recompute the BIT's blocks in the backward pass (less memory, ~30% slower).
         mindeye2: options of ``MindEye2Decoder`` (``latent``, ``n_blocks``, ...), for ``decoder="mindeye2"``.
         tokens_per_scale: low-level token positions drawn per image and scale.
+        positions: ``"per_image"``: every image draws its own positions; ``"shared"``: one draw per batch, the
+            same positions for every image, so each token's in-batch negatives include the same position of
+            every other image (BRAINIT.md leaves this open; see docs/bit.md for why it matters).
         vgg_weights: VGG16-BN weight file (``None``: the weights folder, or random for the tiny twin).
         tiny_vgg: use the tiny VGG twin (the real architecture with seeded random weights).
         vgg_slim: channel divisor of the tiny VGG twin (the demo uses 8: tokens 512/8 wide, ~64× cheaper).
@@ -116,6 +119,7 @@ class BITModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         mindeye2: dict[str, Any] | None = None,
         tokens_per_scale: list[int] = list(LOWLEVEL_TOKENS_PER_SCALE),  # noqa: B006 - copied, never mutated
+        positions: Literal["per_image", "shared"] = "per_image",
         vgg_weights: str | None = None,
         tiny_vgg: bool = False,
         vgg_slim: int = 1,
@@ -135,6 +139,7 @@ class BITModule(L.LightningModule):
         require(branch in ("semantic", "lowlevel"), f"branch must be semantic or lowlevel, got {branch!r}")
         require(decoder in ("bit", "mindeye2"), f"decoder must be bit or mindeye2, got {decoder!r}")
         require(quality_every_n_epochs >= 1, "quality_every_n_epochs must be >= 1")
+        require(positions in ("per_image", "shared"), f"positions must be per_image or shared, got {positions!r}")
         check_trainable(trainable, voxel_subjects)
         require(
             trainable == "all" or decoder == "bit",
@@ -242,10 +247,11 @@ class BITModule(L.LightningModule):
         """(B, Q) token positions drawn per image, scale by scale, from a generator seeded by ``key``."""
         layout = self.vgg_tokens.layout
         gen = torch.Generator().manual_seed(key)
+        rows = 1 if self.hparams.get("positions", "per_image") == "shared" else batch_size
         picks = [
-            offset + torch.rand(batch_size, count, generator=gen).argsort(dim=1)[:, :n]  # (B, n) distinct
+            offset + torch.rand(rows, count, generator=gen).argsort(dim=1)[:, :n].expand(batch_size, -1)
             for offset, count, n in zip(layout.offsets, layout.counts, self.hparams.tokens_per_scale)
-        ]
+        ]  # each (B, n): n distinct positions per image; with "shared", the same n for every image
         return torch.cat(picks, dim=1).to(self.device), list(self.hparams.tokens_per_scale)
 
     @torch.no_grad()
