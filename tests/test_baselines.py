@@ -21,7 +21,8 @@ from brainit_pl.data.simulate import simulate
 from brainit_pl.features.extract import extract_features
 from brainit_pl.lit.ridge import RidgeModule
 from brainit_pl.metrics.features import token_cosine
-from brainit_pl.models.baselines import MindEye2Decoder, RidgeDecoder, fit_ridge
+from brainit_pl.models.baselines import MindEye2Decoder
+from brainit_pl.models.ridge import RidgeDecoder, fit_ridge
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "sim"
 RIDGE_CONFIGS = [CONFIGS / "ridge_semantic.yaml", CONFIGS / "ridge_lowlevel.yaml"]

@@ -2,7 +2,7 @@
 
 Training collects every training sample (all voxels of its subject, per-subject batches: the DataModule's
 ``voxels_per_sample: null``) with its target, gathered from all DDP ranks, and after the epoch's last
-batch solves one closed-form ridge per subject (:func:`~brainit_pl.models.baselines.fit_ridge`, λ by
+batch solves one closed-form ridge per subject (:func:`~brainit_pl.models.ridge.fit_ridge`, λ by
 leave-one-out), so ``max_epochs: 1`` suffices. The maps are buffers: checkpoints hold them.
 
 Targets and scores are those of the BITs, under the same names:
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.metrics.features import eval_positions, feature_quality
-from brainit_pl.models.baselines import DEFAULT_ALPHAS, RidgeDecoder, RidgeSolution
+from brainit_pl.models.ridge import DEFAULT_ALPHAS, RidgeDecoder, RidgeSolution
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class RidgeModule(L.LightningModule):
         n_voxels: subject → voxel count V_s (linked from the DataModule).
         branch: ``"semantic"`` (CLIP tokens) or ``"lowlevel"`` (VGG tokens at the scored positions).
         alphas: candidate penalties, as multiples of the Gram matrix's mean eigenvalue (default
-            :data:`~brainit_pl.models.baselines.DEFAULT_ALPHAS`, 10⁻² … 10⁴); one λ per subject is chosen
+            :data:`~brainit_pl.models.ridge.DEFAULT_ALPHAS`, 10⁻² … 10⁴); one λ per subject is chosen
             by leave-one-out on the training data.
         vgg_weights: VGG16-BN weight file (low-level; ``None``: the weights folder, or random for the twin).
         tiny_vgg: use the tiny random VGG twin (tests, the simulated demo).
