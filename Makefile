@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_DIR ?= demo
 
-.PHONY: install test test-slow lint format check demo demo-baseline clean help
+.PHONY: install test test-slow lint format check demo demo-baseline transfer-1h data-efficiency clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -41,6 +41,15 @@ check: lint test  ## lint + tests
 
 demo: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## the whole method on the simulated demo NSD → runs/demo/report/
 	$(BIN)/brainit-pl demo --store $(DEMO_DIR)/store --out runs/demo
+
+# Holds out simulated subject 4: base models of subjects 1-3, then subject 4 from 1 h by transfer, from scratch
+# and with all its data (make demo's models, from runs/demo when it has them).
+transfer-1h: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## a new subject from 1 h of data → runs/transfer-1h/report/
+	$(BIN)/brainit-pl transfer-demo --store $(DEMO_DIR)/store --subject 4 --hours 1 --out runs/transfer-1h
+
+data-efficiency: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## feature prediction vs hours (15 min .. all) → runs/data-efficiency/
+	$(BIN)/python benchmarks/data_efficiency.py --store $(DEMO_DIR)/store --subject 4 --base runs/transfer-1h \
+		--out runs/data-efficiency
 
 demo-baseline: $(STAMP) $(DEMO_DIR)/store/manifest.json  ## the linear baseline decoder only (~1.5 min)
 	rm -rf $(DEMO_DIR)/runs/fit $(DEMO_DIR)/runs/test

@@ -63,6 +63,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.transfer",
         "add a new subject to trained base models from little data (only its voxel embeddings learn)",
     ),
+    "transfer-demo": (
+        "brainit_pl.transfer_demo",
+        "hold out a simulated subject: transfer from 1 h vs scratch vs all data, one report (make transfer-1h)",
+    ),
 }
 
 LIGHTNING_COMMANDS: dict[str, str] = {

@@ -52,14 +52,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="simulation seed [0]")
     parser.add_argument("--encoder-epochs", type=int, default=6, help="[6]")
-    parser.add_argument("--bit-epochs", type=int, default=10, help="epochs of the BITs and MindEye2 [10]")
-    parser.add_argument("--clusters", type=int, default=25, help="V2C clusters K [25]")
-    parser.add_argument("--n-external", type=int, default=1000, help="external images (0: none) [1000]")
     parser.add_argument(
-        "--recon-images", type=int, default=20, help="test images reconstructed per subject [20]"
+        "--semantic-epochs", type=int, default=10, help="epochs of the semantic BIT and MindEye2 [10]"
     )
     parser.add_argument(
-        "--dip-steps", type=int, default=150, help="[150: a CPU preview; the method uses 1800]"
+        "--lowlevel-epochs", type=int, default=5, help="epochs of the low-level BIT and MindEye2 [5]"
+    )
+    parser.add_argument("--bit-epochs", type=int, help="set both --semantic-epochs and --lowlevel-epochs")
+    parser.add_argument(
+        "--jobs", type=int, default=2, help="trainings run side by side, one torch thread each [2]"
+    )
+    parser.add_argument("--clusters", type=int, default=25, help="V2C clusters K [25]")
+    parser.add_argument("--n-external", type=int, default=500, help="external images (0: none) [500]")
+    parser.add_argument(
+        "--lowlevel-external-ratio",
+        type=float,
+        default=1.0,
+        help="synthetic samples per real one in the low-level branch [1; the method and the semantic branch: 3]: "
+        "its VGG targets and contrastive loss are computed per sample, so on a CPU each synthetic sample costs",
+    )
+    parser.add_argument(
+        "--recon-images", type=int, default=10, help="test images reconstructed per subject [10]"
+    )
+    parser.add_argument(
+        "--dip-steps", type=int, default=100, help="[100: a CPU preview; the method uses 1800]"
     )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="[all]")
     parser.add_argument(
@@ -96,6 +112,28 @@ class Demo:
             tail = self.log_file.read_text()[-2000:]
             raise BrainITError(f"step failed: brainit-pl {' '.join(args)} (see {self.log_file}):\n{tail}")
 
+    def sh_parallel(self, commands: list[list[str]]) -> None:
+        """Run several ``brainit-pl`` commands at once, one torch thread each (logs: ``OUT/log_<i>.txt``)."""
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        procs = []
+        for i, args in enumerate(commands):
+            print("  $ brainit-pl " + " ".join(args), flush=True)
+            log_file = self.out / f"log_{i}.txt"
+            with open(log_file, "a") as f:
+                cmd = [sys.executable, "-m", "brainit_pl.cli", *args]
+                procs.append(
+                    (args, log_file, subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT))
+                )
+        failed = [(args, log_file) for args, log_file, proc in procs if proc.wait() != 0]
+        for _, log_file, _ in procs:  # one log for the whole run, as with sh()
+            with open(self.log_file, "a") as f:
+                f.write(log_file.read_text())
+            log_file.unlink()
+        if failed:
+            args, _ = failed[0]
+            tail = self.log_file.read_text()[-2000:]
+            raise BrainITError(f"step failed: brainit-pl {' '.join(args)} (see {self.log_file}):\n{tail}")
+
     def step(self, name: str, done: Path, action) -> None:
         """Run ``action`` unless ``done`` exists; record its seconds."""
         if done.exists():
@@ -128,6 +166,9 @@ class Demo:
                 self.sh("extract-features", "--store", str(external), "--tiny")))  # fmt: skip
         ckpts: dict[str, Path] = {}
         for branch in ("semantic", "lowlevel"):
+            jobs = [(key, kind, clusters["functional"]) for key, kind in MODELS.items() if key in a.models]
+            jobs += [("bit_anatomical", "bit", clusters["anatomical"])] if a.anatomical_bit else []
+            self._train_side_by_side(store, branch, jobs, external if a.n_external > 0 else None)
             for key, kind in MODELS.items():
                 if key in a.models:
                     ckpts[f"{branch}/{key}"] = self._feature_model(store, branch, key, kind, clusters["functional"],
@@ -178,17 +219,54 @@ class Demo:
             }
         return paths
 
-    def _feature_model(self, store: Path, branch: str, key: str, kind: str, clusters: Path, external) -> Path:
+    def _epochs(self, branch: str) -> int:
+        a = self.args
+        if getattr(a, "bit_epochs", None) is not None:
+            return a.bit_epochs
+        return a.semantic_epochs if branch == "semantic" else a.lowlevel_epochs
+
+    def _fit_args(self, store: Path, branch: str, key: str, kind: str, clusters: Path, external):
+        """The ``fit`` arguments of one feature model, and the ``test`` arguments' common part."""
         run = self.out / branch / key
         common = ["--config", str(CONFIGS / "sim" / f"{kind}_{branch}.yaml"), "--data.store", str(store)]
         common += ["--model.init_args.clusters", str(clusters)] if kind == "bit" else []
         fit = ["--trainer.default_root_dir", str(run / "fit")]
         if kind != "ridge":
-            fit += ["--trainer.max_epochs", str(self.args.bit_epochs)]
+            fit += ["--trainer.max_epochs", str(self._epochs(branch))]
             fit += ["--data.external", str(external)] if external else []
+            if external and branch == "lowlevel":
+                fit += ["--data.external_ratio", str(self.args.lowlevel_external_ratio)]
+        return ["fit", *common, *fit], common
+
+    def _train_side_by_side(self, store: Path, branch: str, jobs: list, external) -> None:
+        """Train the branch's unfinished iterative models (BIT, MindEye2) ``--jobs`` at a time.
+
+        Small models on a few cores: two processes with one torch thread each get more done than one
+        process with two threads, which mostly wait on each other (measured on the 2-core demo machine).
+        """
+        todo = [
+            (key, self._fit_args(store, branch, key, kind, clusters, external)[0])
+            for key, kind, clusters in jobs
+            if kind != "ridge" and not (self.out / branch / key / "fit" / "done").exists()
+        ]
+        if len(todo) < 2 or getattr(self.args, "jobs", 1) < 2:
+            return  # _feature_model trains it the usual way
+        while todo:
+            batch, todo = todo[: self.args.jobs], todo[self.args.jobs :]
+            names = ", ".join(f"{branch} {key}" for key, _ in batch)
+            print(f"[{names}] side by side", flush=True)
+            start = time.perf_counter()
+            self.sh_parallel([cmd for _, cmd in batch])
+            for key, _ in batch:
+                (self.out / branch / key / "fit" / "done").write_text("ok\n")
+                self.summary["timings_s"][f"{branch} {key}"] = round(time.perf_counter() - start, 1)
+
+    def _feature_model(self, store: Path, branch: str, key: str, kind: str, clusters: Path, external) -> Path:
+        run = self.out / branch / key
+        fit, common = self._fit_args(store, branch, key, kind, clusters, external)
 
         def train() -> None:
-            self.sh("fit", *common, *fit)
+            self.sh(*fit)
             (run / "fit" / "done").write_text("ok\n")
 
         self.step(f"{branch} {key}", run / "fit" / "done", train)

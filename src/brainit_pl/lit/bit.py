@@ -139,7 +139,9 @@ class BITModule(L.LightningModule):
         require(branch in ("semantic", "lowlevel"), f"branch must be semantic or lowlevel, got {branch!r}")
         require(decoder in ("bit", "mindeye2"), f"decoder must be bit or mindeye2, got {decoder!r}")
         require(quality_every_n_epochs >= 1, "quality_every_n_epochs must be >= 1")
-        require(positions in ("per_image", "shared"), f"positions must be per_image or shared, got {positions!r}")
+        require(
+            positions in ("per_image", "shared"), f"positions must be per_image or shared, got {positions!r}"
+        )
         check_trainable(trainable, voxel_subjects)
         require(
             trainable == "all" or decoder == "bit",

@@ -1,0 +1,470 @@
+"""``brainit-pl transfer-demo``: a new subject from 1 hour of data, on the simulated demo NSD, in one report.
+
+Holds out subject S (``--subject``, default the store's last) and decodes it four ways, scored alike:
+
+1. **base models without S** (``OUT/base/``): the Universal Encoder (``configs/encoder_demo.yaml``), the
+   functional V2C clusters, the semantic and low-level BITs (``configs/sim/bit_*.yaml``), each trained with
+   ``--data.subjects`` = the other subjects; with ``--base-external-ratio R`` > 0 also synthetic fMRI of
+   ``--n-external`` images for them, mixed R : 1 into the BITs' training (the method: 3). Off by default:
+   on 2 CPU cores the low-level BIT's time is better spent on real samples (R = 1 doubles its epoch);
+2. ``transfer``: ``brainit-pl transfer --init nn`` from the base models with S's first ``--hours`` of data
+   (stage 2 off: the tiny unCLIP is random, there is nothing to adapt to); ``transfer_random_init``: the same
+   with ``--init random`` (its encoder, V2C and synthetic steps do not depend on the init: the NN run's are
+   linked, not redone);
+3. ``scratch``: the same BIT architectures trained on S's same hours only. Its clusters are the transfer's
+   nearest-neighbour clusters of S's voxels: an hour is too little to train an encoder to cluster from, and
+   with the same clusters only the training differs. It trains as many optimizer steps as the transfer
+   (``--scratch-epochs``, default 4 × ``--transfer-epochs``: a transfer epoch holds 3 synthetic samples per
+   real one, a scratch epoch the real ones only);
+4. ``all_data``: S trained with all its data next to every other subject: ``make demo``'s BITs, read from
+   ``--all-data`` (runs/demo) when it has them, else trained in ``OUT/all_data/demo`` by the demo pipeline
+   (``brainit-pl demo``) with this command's epochs (and, with ``--base-external-ratio 0``, no external
+   images: then it differs from the base models by S's data only);
+5. every variant reconstructs the same first ``--recon-images`` shared images of S (low-level BIT → DIP,
+   semantic BIT → the tiny unCLIP, the same options) and is scored on held-out feature prediction:
+   ``semantic_val_cos``, ``semantic_val_2way``, ``lowlevel_val_2way`` (the demo's metrics, from each BIT's
+   test step) on S's shared test images, which no variant trained on — their own validation splits differ
+   (a slice of the hour; a slice of all sessions that overlaps the hour), so none of them compares;
+6. the report ``OUT/report/``: ``summary.json`` (``noise_ceiling`` of S's voxels, ``transfer.{hours, transfer,
+   transfer_random_init, scratch, all_data, ratios}``, ``v2c``, ``timings_s``), ``metrics.md`` and
+   ``metrics.json`` (the variants side by side; the ratios transfer / all data and transfer / scratch),
+   ``reconstructions.png`` (ground truth, then each variant's stages), ``clusters.png`` (S's clusters).
+
+Every step is skipped when its output exists (seconds per step persist in ``OUT/timings.json``); command
+output goes to ``OUT/log.txt``. Tiny twins on a simulated brain: the numbers test the method's claims (a
+1-hour transfer beats scratch and nears all data), they are not NSD results. ``make demo``'s all-data models
+train longer than the base models here (the CPU budget), which handicaps the transfer in that ratio.
+
+Time (demo store, 2 shared CPU cores, the defaults; estimated from ``make demo``'s per-step times): base
+models ~9 min (encoder 3.5, low-level BIT 4.5), the NN transfer ~6 min, its random-init twin ~3 min,
+scratch ~4 min, the all-data reconstruction and the scores ~1.5 min: ~23 min, plus ~12 min if the all-data
+models must be trained here. The method's settings (``--base-external-ratio 3 --transfer-epochs 50
+--transfer-encoder-epochs 30 --dip-steps 1800``) are a GPU job.
+
+examples:
+  make transfer-1h  # brainit-pl transfer-demo --store demo/store --subject 4 --hours 1 --out runs/transfer-1h
+  brainit-pl transfer-demo --hours 0.5 --out runs/transfer-30min --recon-images 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from brainit_pl.errors import require
+from brainit_pl.files import atomic_write_text
+from brainit_pl.pipeline import CONFIGS, Demo, _simulation_root
+from brainit_pl.transfer_report import FEATURES, VARIANTS
+
+MIN_TRAIN_IMAGES = 4  # fewer is not a limited-data experiment but noise
+BRANCHES = ("semantic", "lowlevel")
+SHARED = ("encoder", "v2c", "synthetic")  # the transfer's steps before the BITs
+RECON = ("--tiny-unclip", "--dip-channels", "16", "--dip-batch", "8", "--device", "cpu")  # as the demo's
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``brainit-pl transfer-demo``."""
+    add = parser.add_argument
+    add("--store", type=Path, default=Path("demo/store"), help="the prepared simulated store [demo/store]")
+    add("--subject", type=int, help="the held-out subject S [the store's last]")
+    add("--hours", type=float, default=1.0, help="S's data for transfer and scratch: first H hours [1]")
+    add(
+        "--out", type=Path, default=Path("runs/transfer-1h"), help="work and report folder [runs/transfer-1h]"
+    )
+    add("--all-data", type=Path, default=Path("runs/demo"), help="`make demo`'s folder: its BITs [runs/demo]")
+    add("--no-train-all-data", action="store_true", help="fail if --all-data lacks them, instead of training")
+    add("--seed", type=int, default=0, help="[0]")
+    add("--clusters", type=int, default=25, help="V2C clusters K of the base models [25]")
+    add("--encoder-epochs", type=int, default=3, help="base encoder (make demo: 6) [3]")
+    add("--bit-epochs", type=int, default=5, help="base BITs (make demo: 10) [5]")
+    add("--base-external-ratio", type=float, default=0.0, help="synthetic per real sample, base BITs [0]")
+    add("--transfer-encoder-epochs", type=int, default=20, help="S's encoder embeddings (paper: 30) [20]")
+    add("--transfer-epochs", type=int, default=10, help="S's BIT embeddings (paper: 50) [10]")
+    add("--scratch-epochs", type=int, help="scratch BITs [4 × --transfer-epochs: as many steps]")
+    add("--n-external", type=int, default=300, help="external images, synthetic fMRI (0: none) [300]")
+    add("--val-fraction", type=float, default=0.1, help="S's images of the hours for validation [0.1]")
+    add("--recon-images", type=int, default=6, help="S's test images reconstructed per variant [6]")
+    add("--dip-steps", type=int, default=100, help="DIP steps per image [100; the method: 1800]")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``brainit-pl transfer-demo`` with parsed ``args``."""
+    TransferDemo(args).run()
+    return 0
+
+
+class TransferDemo(Demo):
+    """The steps of the module docstring on :class:`~brainit_pl.pipeline.Demo`'s ``step`` / ``sh``.
+
+    Raises:
+        BrainITError: S not in the store, or too little of S's data in its first ``hours``
+            (:func:`check_subject`); ``--all-data`` without its BITs under ``--no-train-all-data``, or of
+            another store.
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        counts = {k: getattr(args, k) for k in ("encoder_epochs", "bit_epochs", "transfer_encoder_epochs",
+                                                "transfer_epochs", "recon_images", "dip_steps")}  # fmt: skip
+        bad = {f"--{k.replace('_', '-')}": v for k, v in counts.items() if v < 1}
+        require(not bad, f"these options must be >= 1: {bad}")
+        require(args.scratch_epochs is None or args.scratch_epochs >= 1, "--scratch-epochs must be >= 1")
+        require(args.n_external >= 0, f"--n-external must be >= 0, got {args.n_external}")
+        require(
+            args.base_external_ratio >= 0,
+            f"--base-external-ratio must be >= 0, got {args.base_external_ratio}",
+        )
+        super().__init__(args)
+        self.timings_file = self.out / "timings.json"
+        self.timings = json.loads(self.timings_file.read_text()) if self.timings_file.exists() else {}
+        self.store = args.store.resolve()
+        self.subject, self.base_subjects = check_subject(
+            self.store, args.subject, args.hours, args.val_fraction, args.seed
+        )
+        self.all_data = demo_checkpoints(args.all_data)  # checked now, used last
+        if self.all_data is not None:
+            check_table(self.all_data, self.store, self.subject)
+        require(
+            self.all_data is not None or not args.no_train_all_data,
+            f"--all-data {args.all_data} holds no finished BITs of `make demo` (semantic/bit/fit/done and "
+            "lowlevel/bit/fit/done): run `make demo` first, or drop --no-train-all-data to train them",
+        )
+
+    def step(self, name: str, done: Path, action) -> None:
+        """:meth:`Demo.step`; the seconds of every step that ran are kept in ``OUT/timings.json``."""
+        super().step(name, done, action)
+        if name in self.summary["timings_s"]:
+            self.timings[name] = self.summary["timings_s"][name]
+            atomic_write_text(self.timings_file, json.dumps(self.timings, indent=2) + "\n")
+
+    def run(self) -> dict[str, Any]:
+        from brainit_pl import transfer_report as tr
+
+        a, out, s = self.args, self.out, self.subject
+        self.step("clip features", self.store / "features_clip.h5",
+                  lambda: self.sh("extract-features", "--store", str(self.store), "--tiny"))  # fmt: skip
+        base = self.base_models(out / "base")
+        models = {}
+        for name, init in (("transfer", "nn"), ("transfer_random_init", "random")):
+            done = self.transfer(name, out / name, base, a.hours, init, share=out / "transfer")
+            models[name] = {b: done / b / f"{b}.ckpt" for b in BRANCHES}
+        clusters = out / "transfer" / "v2c" / "clusters.npz"
+        epochs = a.scratch_epochs or 4 * a.transfer_epochs
+        models["scratch"] = {b: self.fit_model(f"scratch {b} BIT", out / "scratch" / b, "bit", b, [s],
+                                               clusters=clusters, epochs=epochs, hours=a.hours)
+                             for b in BRANCHES}  # fmt: skip
+        models["all_data"] = self.all_data_models(out / "all_data" / "demo")
+        variants = {}
+        for name in VARIANTS:
+            folder = out / name / "reconstruct"
+            if name in ("scratch", "all_data"):  # the transfer command reconstructs by itself
+                self.reconstruct(name, folder, models[name])
+            scores = self.score(name, out / name / "scores.json", models[name])
+            variants[name] = tr.variant_record(scores, tr.recon_metrics(folder))
+        scoring = (
+            f"subject {s}'s shared test images (repeats averaged, all voxels); no variant trains on them"
+        )
+        summary = tr.build_summary(
+            subject=s, hours=a.hours, base_subjects=self.base_subjects, variants=variants, scoring=scoring,
+            noise_ceiling=tr.subject_noise_ceiling(self.store, s), timings=self.timings,
+            extra={"v2c": self.v2c_scores(out / "base" / "v2c_functional", clusters)},
+        )  # fmt: skip
+        self.write_report(summary, {VARIANTS[v]: out / v / "reconstruct" for v in VARIANTS}, clusters)
+        return summary
+
+    # ---------------------------------------------------------------------------------------- steps
+    def base_models(self, folder: Path) -> dict[str, Any]:
+        """The models of all subjects but S: ``encoder``, ``clusters``, ``semantic``, ``lowlevel`` (paths).
+
+        Also ``external``: their synthetic-fMRI folder, ``None`` without (``--n-external 0``, or
+        ``--base-external-ratio 0``).
+        """
+        a, store, subjects = self.args, self.store, json.dumps(self.base_subjects)
+        enc, v2c, truth = folder / "encoder", folder / "v2c_functional", _simulation_root(self.store)
+        self.step("base encoder", enc / "done", lambda: (self.sh(
+            "fit", "--config", str(CONFIGS / "encoder_demo.yaml"), "--data.store", str(store),
+            "--data.subjects", subjects, "--trainer.default_root_dir", str(enc), "--seed_everything",
+            str(a.seed), "--data.seed", str(a.seed), "--trainer.max_epochs", str(a.encoder_epochs),
+            "--trainer.enable_progress_bar", "false"), (enc / "done").write_text("ok\n")))  # fmt: skip
+        encoder = sorted(enc.rglob("last.ckpt"))[-1]  # as the demo: the last epoch
+        truth_args = ["--truth", str(truth)] if truth else []  # + the ARI against the simulator's voxel types
+        self.step("base V2C", v2c / "clusters.npz", lambda: self.sh(
+            "cluster", "--store", str(store), "--out", str(v2c), "--kind", "functional", "--clusters",
+            str(a.clusters), "--embeddings", str(encoder), "--seed", str(a.seed), *truth_args))  # fmt: skip
+        external = folder / "synthetic" if a.n_external > 0 and a.base_external_ratio > 0 else None
+        if external is not None:
+            self.step("base synthetic fMRI", external / "features_clip.h5", lambda: (
+                self.sh("synthesize-fmri", "--checkpoint", str(encoder), "--store", str(store), "--out",
+                        str(external), "--n-images", str(a.n_external), "--overwrite"),
+                self.sh("extract-features", "--store", str(external), "--tiny")))  # fmt: skip
+        base = {"encoder": encoder, "clusters": v2c / "clusters.npz", "external": external}
+        for b in BRANCHES:
+            base[b] = self.fit_model(f"base {b} BIT", folder / b, "bit", b, self.base_subjects,
+                                     clusters=base["clusters"], external=external,
+                                     epochs=a.bit_epochs)  # fmt: skip
+        return base
+
+    def fit_model(self, name: str, run: Path, kind: str, branch: str, subjects: list[int], *,
+                  clusters: Path | None = None, external: Path | None = None, epochs: int = 1,
+                  hours: float | None = None) -> Path:  # fmt: skip
+        """``brainit-pl fit`` of ``configs/sim/<kind>_<branch>.yaml`` on ``subjects``; its best checkpoint.
+
+        Args:
+            kind: ``bit``, ``mindeye2`` or ``ridge`` (closed form: ``epochs`` is ignored).
+            external: synthetic fMRI mixed ``--base-external-ratio`` : 1 with the real samples.
+            hours: the subjects' first hours only, with ``--val-fraction``; ``None``: the config's data.
+        """
+        a = self.args
+        argv = ["fit", "--config", str(CONFIGS / "sim" / f"{kind}_{branch}.yaml"), "--data.store"]
+        argv += [str(self.store), "--data.subjects", json.dumps(subjects)]
+        argv += ["--trainer.default_root_dir", str(run)]
+        argv += ["--seed_everything", str(a.seed), "--data.seed", str(a.seed)]
+        argv += ["--model.init_args.clusters", str(clusters)] if kind == "bit" else []
+        if kind != "ridge":  # a short run warms up over half its epochs at most (the configs: 5 of 10)
+            argv += ["--trainer.max_epochs", str(epochs)]
+            argv += ["--model.init_args.warmup_epochs", str(min(5, max(1, epochs // 2)))]
+        if external is not None and kind != "ridge":
+            argv += ["--data.external", str(external), "--data.external_ratio", str(a.base_external_ratio)]
+        if hours is not None:
+            argv += ["--data.hours", str(hours), "--data.val_fraction", str(a.val_fraction)]
+
+        def fit() -> None:
+            self.sh(*argv)
+            (run / "done").write_text("ok\n")
+
+        self.step(name, run / "done", fit)
+        return best_checkpoint(run)
+
+    def transfer(self, name: str, folder: Path, base: dict[str, Any], hours: float, init: str, *,
+                 reconstruct: bool = True, share: Path | None = None, shared_steps: tuple[str, ...] = SHARED,
+                 clusters: Path | None = None, bits: dict[str, Path] | None = None) -> Path:  # fmt: skip
+        """``brainit-pl transfer`` of S from ``base`` into ``folder`` (done: its ``summary.json``).
+
+        Args:
+            reconstruct: reconstruct and score S's images (else one image, one DIP step, unscored: the
+                transfer command always ends with its reconstruct step).
+            share: a finished transfer of the same S, hours and base encoder whose ``shared_steps`` (which
+                depend on neither ``init`` nor the BITs) this one links instead of redoing.
+            clusters, bits: other base clusters and BITs (the anatomical ablation) instead of ``base``'s.
+        """
+        a, bits = self.args, bits or base
+        if share is not None and share.resolve() != folder.resolve():
+            folder.mkdir(parents=True, exist_ok=True)
+            for step in shared_steps:  # finished ones only: `transfer` clears an unfinished step's folder
+                if (share / step / "result.json").exists() and not (folder / step).exists():
+                    link = os.path.relpath(share / step, folder)  # relative: OUT can move
+                    (folder / step).symlink_to(link, target_is_directory=True)
+        argv = ["transfer", "--store", str(self.store), "--subject", str(self.subject), "--hours", str(hours)]
+        argv += ["--encoder", str(base["encoder"]), "--clusters", str(clusters or base["clusters"])]
+        argv += ["--semantic", str(bits["semantic"]), "--lowlevel", str(bits["lowlevel"])]
+        argv += ["--out", str(folder), "--val-fraction", str(a.val_fraction), "--seed", str(a.seed)]
+        argv += ["--init", init, "--external-images", str(a.n_external), "--epochs-stage2", "0", *RECON]
+        argv += ["--epochs-encoder", str(a.transfer_encoder_epochs), "--epochs-bit", str(a.transfer_epochs)]
+        shown = ["--nets", "tiny", "--limit", str(a.recon_images), "--dip-steps", str(a.dip_steps)]
+        argv += shown if reconstruct else ["--nets", "none", "--limit", "1", "--dip-steps", "1"]
+        self.step(name, folder / "summary.json", lambda: self.sh(*argv))
+        inner = json.loads((folder / "summary.json").read_text()).get("timings_s", {})  # for the report
+        self.timings.update({f"{name}: {k}": v for k, v in inner.items() if not (folder / k).is_symlink()})
+        return folder
+
+    def all_data_models(self, fallback: Path) -> dict[str, Path]:
+        """The all-data BITs: ``--all-data``'s (``make demo``'s), else trained in ``fallback`` by the demo."""
+        from brainit_pl import pipeline
+
+        a = self.args
+        if self.all_data is not None:
+            print(f"[all data] the BITs of {a.all_data}")
+            return self.all_data
+        found = demo_checkpoints(fallback)
+        if found is None:
+            print(f"[all data] none in {a.all_data}: the demo pipeline trains them in {fallback}", flush=True)
+            parser = argparse.ArgumentParser()
+            pipeline.add_arguments(parser)
+            demo = Demo(parser.parse_args([
+                "--out", str(fallback), "--store", str(self.store), "--models", "bit", "--no-reconstruct",
+                "--encoder-epochs", str(a.encoder_epochs), "--bit-epochs", str(a.bit_epochs), "--clusters",
+                str(a.clusters), "--n-external", str(a.n_external if a.base_external_ratio > 0 else 0),
+                "--seed", str(a.seed)]))  # fmt: skip
+            demo.run()
+            self.timings.update({f"all data: {k}": v for k, v in demo.summary["timings_s"].items()})
+            found = demo_checkpoints(fallback)
+            require(found is not None, f"the demo pipeline left no BIT checkpoints in {fallback}")
+        check_table(found, self.store, self.subject)
+        return found
+
+    def reconstruct(self, name: str, folder: Path, ckpts: dict[str, Path]) -> None:
+        """S's first ``--recon-images`` test images, with the options the transfer command is given."""
+        a = self.args
+        argv = ["reconstruct", "--store", str(self.store), "--out", str(folder), "--seed", str(a.seed)]
+        argv += ["--lowlevel", str(ckpts["lowlevel"]), "--semantic", str(ckpts["semantic"]), *RECON]
+        argv += ["--nets", "tiny", "--limit", str(a.recon_images), "--dip-steps", str(a.dip_steps)]
+        argv += ["--subjects", str(self.subject)]
+        self.step(f"{name} reconstruct", folder / "metrics_semantic" / "metrics.json", lambda: self.sh(*argv))
+
+    def score(self, name: str, path: Path, ckpts: dict[str, Path], kind: str = "bit") -> dict[str, float]:
+        """S's held-out feature prediction (``transfer_report.FEATURES``), kept in ``path``."""
+
+        def compute() -> None:
+            metrics: dict[str, float] = {}
+            for ckpt in ckpts.values():
+                metrics.update(score_features(ckpt, self.store, self.subject, kind))
+            found = {k: metrics[v] for k, v in FEATURES.items() if v in metrics}
+            atomic_write_text(path, json.dumps(found, indent=2) + "\n")
+
+        self.step(f"{name} scores", path, compute)
+        return json.loads(path.read_text())
+
+    def v2c_scores(self, base_v2c: Path, clusters: Path) -> dict[str, Any]:
+        """ARI against the simulator's voxel types: the base clusters (pooled), S's nearest-neighbour ones."""
+        from brainit_pl.data.store import Store
+        from brainit_pl.models.cluster_job import _true_types
+        from brainit_pl.models.v2c import cluster_agreement, load_clusters
+
+        out: dict[str, Any] = {}
+        if (base_v2c / "agreement.json").exists():
+            report = json.loads((base_v2c / "agreement.json").read_text())
+            out = {"k": report["n_clusters"], "ari_functional": report["ari"]["pooled"]}
+            out["ari_anatomical"] = report["anatomical_baseline_ari"]["pooled"]
+        truth = _simulation_root(self.store)
+        if truth is not None and clusters.exists():
+            types = _true_types(truth, Store(self.store), [self.subject])[self.subject]
+            labels = load_clusters(clusters).subject_labels(self.subject)
+            out["ari_subject_nearest_neighbour"] = cluster_agreement(labels, types)
+        return out
+
+    def write_report(self, summary: dict[str, Any], folders: dict[str, Path], clusters: Path) -> None:
+        """``OUT/report/``: metrics.md / .json, reconstructions.png, clusters.png, summary.json; the table."""
+        from brainit_pl.data.store import Store
+        from brainit_pl.transfer_report import metrics_json, metrics_markdown, save_cluster_map, save_grid
+
+        report = self.out / "report"
+        report.mkdir(parents=True, exist_ok=True)
+        markdown = metrics_markdown(summary, self.args.recon_images)
+        atomic_write_text(report / "metrics.md", markdown)
+        atomic_write_text(report / "metrics.json", json.dumps(metrics_json(summary), indent=2) + "\n")
+        save_grid(report / "reconstructions.png", folders, self.subject)
+        save_cluster_map(report / "clusters.png", clusters, Store(self.store), self.subject)
+        summary["report"] = str(report)
+        atomic_write_text(report / "summary.json", json.dumps(summary, indent=2) + "\n")
+        print(markdown + f"\nreport: {report}")
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def check_subject(
+    store: Path, subject: int | None, hours: float, val_fraction: float, seed: int
+) -> tuple[int, list[int]]:
+    """S (default: the store's last subject) and the base subjects, once S's data is known to fit ``hours``.
+
+    Raises:
+        BrainITError: S not in the store, no other subject, too little of S's data in its first ``hours``.
+    """
+    import numpy as np
+
+    from brainit_pl.data.splits import split_subject
+    from brainit_pl.data.store import Store
+
+    opened = Store(store)
+    subject = opened.subjects[-1] if subject is None else subject
+    require(
+        subject in opened.subjects,
+        f"subject {subject} is not in the store {store}: choose --subject among {opened.subjects}",
+    )
+    base = [s for s in opened.subjects if s != subject]
+    require(bool(base), f"the store {store} holds subject {subject} only: the base models need others")
+    require(hours > 0, f"--hours must be positive, got {hours}")
+    sub = opened.subject(subject)
+    split = split_subject(  # raises for more hours (sessions) than S has
+        subject, sub.trials, sub.trials_per_session, hours=hours, val_fraction=val_fraction, seed=seed
+    )
+    n_train, n_val = (len(np.unique(sub.trials["nsd_id"][rows])) for rows in (split.train, split.val))
+    require(
+        n_train >= MIN_TRAIN_IMAGES and n_val >= 2,
+        f"subject {subject} has too little data for --hours {hours}: {n_train} training and {n_val} "
+        f"validation images (non-shared) where at least {MIN_TRAIN_IMAGES} and 2 are needed; raise --hours "
+        "(or --val-fraction, for the validation images)",
+    )
+    return subject, base
+
+
+def best_checkpoint(run: Path) -> Path:
+    """A fit folder's checkpoint as the demo picks it: the best-validation one, else ``last.ckpt``."""
+    best = sorted(p for p in run.rglob("*.ckpt") if p.name != "last.ckpt")
+    found = best or sorted(run.rglob("last.ckpt"))
+    require(bool(found), f"{run} holds no checkpoint: delete the folder to train it again")
+    return found[-1]
+
+
+def demo_checkpoints(root: Path | None) -> dict[str, Path] | None:
+    """``make demo``'s BIT checkpoints in ``root`` (``<branch>/bit/fit``); ``None`` if one is unfinished."""
+    if root is None:
+        return None
+    runs = {b: Path(root) / b / "bit" / "fit" for b in BRANCHES}
+    if not all((run / "done").exists() for run in runs.values()):
+        return None
+    return {b: best_checkpoint(run) for b, run in runs.items()}
+
+
+def check_table(ckpts: dict[str, Path], store: Path, subject: int) -> None:
+    """All-data BITs must hold S and the store's voxel counts (a demo of another store is refused)."""
+    from brainit_pl.data.store import Store
+    from brainit_pl.lit.encoder import read_checkpoint
+
+    opened = Store(store)
+    wanted = {s: opened.subject(s).n_voxels for s in opened.subjects}
+    for branch, ckpt in ckpts.items():
+        saved = read_checkpoint(ckpt, "BITModule")["hyper_parameters"]["n_voxels"]
+        table = {int(s): int(v) for s, v in saved.items()}
+        require(
+            subject in table and all(wanted.get(s) == v for s, v in table.items()),
+            f"the all-data {branch} BIT {ckpt} was trained on the voxel table {table}, not on the store "
+            f"{store} ({wanted}); give --all-data the demo run of this store",
+        )
+
+
+def score_features(ckpt: Path, store: Path, subject: int, kind: str = "bit") -> dict[str, float]:
+    """A BIT's (or baseline's) test metrics on S's shared images, whichever subjects its voxel table holds.
+
+    Args:
+        kind: ``bit`` / ``mindeye2`` (a :class:`~brainit_pl.lit.bit.BITModule`) or ``ridge``
+            (a :class:`~brainit_pl.lit.ridge.RidgeModule`).
+
+    Returns:
+        ``test/clip_cos`` and ``test/clip_2way``, or ``test/vgg_2way``; and ``test/loss``.
+    """
+    from brainit_pl.lit.encoder import read_checkpoint
+
+    if kind == "ridge":
+        from brainit_pl.lit.ridge import RidgeModule as Module
+    else:
+        from brainit_pl.lit.bit import BITModule as Module
+    saved = read_checkpoint(ckpt, Module.__name__).get("datamodule_hyper_parameters", {})
+    return test_on_subject(Module.load_from_checkpoint(ckpt, map_location="cpu"), saved, store, subject)
+
+
+def test_on_subject(module, saved: dict[str, Any], store: Path, subject: int) -> dict[str, float]:
+    """``trainer.test`` of ``module`` on S's shared images; data settings of its run (``saved``), S alone.
+
+    The batches carry S's voxel ids in the module's table (:class:`~brainit_pl.transfer.TableDataModule`),
+    so a model of several subjects is scored on S only.
+    """
+    import logging
+
+    import lightning as L
+
+    from brainit_pl.transfer import INHERITED_DATA, TableDataModule
+
+    settings = {k: saved[k] for k in INHERITED_DATA if k in saved}
+    settings.update(num_workers=0, persistent_workers=False)  # one short pass: no worker start-up
+    table = module.encoder.n_voxels if hasattr(module, "encoder") else module.n_voxels
+    dm = TableDataModule(str(store), table, subjects=[subject], **settings)
+    quiet, level = logging.getLogger("lightning.pytorch"), logging.getLogger("lightning.pytorch").level
+    quiet.setLevel(logging.WARNING)  # no "GPU available: ..." banner per scored model
+    try:
+        trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        (metrics,) = trainer.test(module, datamodule=dm, verbose=False)
+    finally:
+        quiet.setLevel(level)
+    return {k: float(v) for k, v in metrics.items()}
