@@ -57,8 +57,9 @@ def build(preset: str, variant: str, args: argparse.Namespace):
     import torch
     import torch.nn.functional as F
 
-    from brainit_pl.models.bit import BIT, BIT_LOWLEVEL, BIT_SEMANTIC, first_occurrence
+    from brainit_pl.models.bit import BIT, BIT_LOWLEVEL, BIT_SEMANTIC
     from brainit_pl.models.losses import infonce_per_scale, semantic_mse
+    from brainit_pl.models.tokenizer import first_occurrence
 
     class DenseBIT(BIT):
         """The BIT with the tokenizer as it was: t_v = x_v e_v, keys and values all (B, V, D)."""

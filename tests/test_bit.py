@@ -19,11 +19,10 @@ from brainit_pl.models.bit import (
     BIT_SEMANTIC,
     BIT_TINY,
     BITConfig,
-    ClusterGraphAttention,
     count_parameters,
-    first_occurrence,
 )
 from brainit_pl.models.losses import infonce_per_scale, semantic_mse
+from brainit_pl.models.tokenizer import ClusterGraphAttention, first_occurrence
 
 REFERENCE = Path(__file__).parent / "data" / "brainit_reference.npz"
 BENCHMARK = Path(__file__).parents[1] / "benchmarks" / "bit.py"
