@@ -446,14 +446,14 @@ def score_features(ckpt: Path, store: Path, subject: int, kind: str = "bit") -> 
 def test_on_subject(module, saved: dict[str, Any], store: Path, subject: int) -> dict[str, float]:
     """``trainer.test`` of ``module`` on S's shared images; data settings of its run (``saved``), S alone.
 
-    The batches carry S's voxel ids in the module's table (:class:`~brainit_pl.transfer.TableDataModule`),
+    The batches carry S's voxel ids in the module's table (:class:`~brainit_pl.transfer_plan.TableDataModule`),
     so a model of several subjects is scored on S only.
     """
     import logging
 
     import lightning as L
 
-    from brainit_pl.transfer import INHERITED_DATA, TableDataModule
+    from brainit_pl.transfer_plan import INHERITED_DATA, TableDataModule
 
     settings = {k: saved[k] for k in INHERITED_DATA if k in saved}
     settings.update(num_workers=0, persistent_workers=False)  # one short pass: no worker start-up
