@@ -256,14 +256,14 @@ def test_base_models_never_see_the_held_out_subject(tiny_store, tmp_path, monkey
     assert len(shell.calls) == before
 
 
-def test_base_bits_train_on_real_samples_only_by_default(tiny_store, tmp_path, monkeypatch):
-    demo = TransferDemo(_args(tiny_store, tmp_path, "--val-fraction", "0.3"))
+def test_base_bits_train_on_real_samples_only_with_ratio_zero(tiny_store, tmp_path, monkeypatch):
+    demo = TransferDemo(_args(tiny_store, tmp_path, "--val-fraction", "0.3", "--base-external-ratio", "0"))
     shell = FakeShell()
     monkeypatch.setattr(demo, "sh", shell)
     assert demo.base_models(tmp_path / "base")["external"] is None
     assert [c[0] for c in shell.calls] == ["fit", "cluster", "fit", "fit"]
     assert not any("--data.external" in c for c in shell.calls)
-    assert shell.value("fit", "--trainer.max_epochs") == ["3", "5", "5"]  # encoder, then both BITs
+    assert shell.value("fit", "--trainer.max_epochs") == ["6", "10", "10"]  # encoder, then both BITs
 
 
 # -------------------------------------------------------------------------------------- end to end

@@ -5,8 +5,9 @@ Holds out subject S (``--subject``, default the store's last) and decodes it fou
 1. **base models without S** (``OUT/base/``): the Universal Encoder (``configs/encoder_demo.yaml``), the
    functional V2C clusters, the semantic and low-level BITs (``configs/sim/bit_*.yaml``), each trained with
    ``--data.subjects`` = the other subjects; with ``--base-external-ratio R`` > 0 also synthetic fMRI of
-   ``--n-external`` images for them, mixed R : 1 into the BITs' training (the method: 3). Off by default:
-   on 2 CPU cores the low-level BIT's time is better spent on real samples (R = 1 doubles its epoch);
+   ``--n-external`` images for them, mixed R : 1 into the BITs' training (the method's and the default: 3;
+   0 turns the external images off, which saves ~6 min of the low-level BIT's training but leaves base
+   models weaker than ``make demo``'s: the transfer then lands further from the all-data model);
 2. ``transfer``: ``brainit-pl transfer --init nn`` from the base models with S's first ``--hours`` of data
    (stage 2 off: the tiny unCLIP is random, there is nothing to adapt to); ``transfer_random_init``: the same
    with ``--init random`` (its encoder, V2C and synthetic steps do not depend on the init: the NN run's are
@@ -35,11 +36,11 @@ output goes to ``OUT/log.txt``. Tiny twins on a simulated brain: the numbers tes
 1-hour transfer beats scratch and nears all data), they are not NSD results. ``make demo``'s all-data models
 train longer than the base models here (the CPU budget), which handicaps the transfer in that ratio.
 
-Time (demo store, 2 shared CPU cores, the defaults; estimated from ``make demo``'s per-step times): base
-models ~9 min (encoder 3.5, low-level BIT 4.5), the NN transfer ~6 min, its random-init twin ~3 min,
-scratch ~4 min, the all-data reconstruction and the scores ~1.5 min: ~23 min, plus ~12 min if the all-data
-models must be trained here. The method's settings (``--base-external-ratio 3 --transfer-epochs 50
---transfer-encoder-epochs 30 --dip-steps 1800``) are a GPU job.
+Time (demo store, 2-core VM, the defaults, measured in session 3): base models 10.7 min (encoder 2.2,
+synthetic fMRI 1.3, semantic BIT 2.0, low-level BIT 5.2), the NN transfer 3.3 min, its random-init twin
+1.6 min, scratch 1.3 min, reconstructions and scores 1.5 min: ~18.5 min, plus ~25 min if ``--all-data``
+lacks the models and they are trained here. The method's full settings (``--transfer-epochs 50
+--dip-steps 1800``, the real networks) are a GPU job.
 
 examples:
   make transfer-1h  # brainit-pl transfer-demo --store demo/store --subject 4 --hours 1 --out runs/transfer-1h
@@ -78,13 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--no-train-all-data", action="store_true", help="fail if --all-data lacks them, instead of training")
     add("--seed", type=int, default=0, help="[0]")
     add("--clusters", type=int, default=25, help="V2C clusters K of the base models [25]")
-    add("--encoder-epochs", type=int, default=3, help="base encoder (make demo: 6) [3]")
-    add("--bit-epochs", type=int, default=5, help="base BITs (make demo: 10) [5]")
-    add("--base-external-ratio", type=float, default=0.0, help="synthetic per real sample, base BITs [0]")
-    add("--transfer-encoder-epochs", type=int, default=20, help="S's encoder embeddings (paper: 30) [20]")
-    add("--transfer-epochs", type=int, default=10, help="S's BIT embeddings (paper: 50) [10]")
+    add("--encoder-epochs", type=int, default=6, help="base encoder (as make demo) [6]")
+    add("--bit-epochs", type=int, default=10, help="base BITs [10]")
+    add("--base-external-ratio", type=float, default=3.0, help="synthetic per real sample, base BITs [3]")
+    add("--transfer-encoder-epochs", type=int, default=30, help="S's encoder embeddings (as the paper) [30]")
+    add("--transfer-epochs", type=int, default=30, help="S's BIT embeddings (paper: 50) [30]")
     add("--scratch-epochs", type=int, help="scratch BITs [4 × --transfer-epochs: as many steps]")
-    add("--n-external", type=int, default=300, help="external images, synthetic fMRI (0: none) [300]")
+    add("--n-external", type=int, default=500, help="external images, synthetic fMRI (0: none) [500]")
     add("--val-fraction", type=float, default=0.1, help="S's images of the hours for validation [0.1]")
     add("--recon-images", type=int, default=6, help="S's test images reconstructed per variant [6]")
     add("--dip-steps", type=int, default=100, help="DIP steps per image [100; the method: 1800]")
