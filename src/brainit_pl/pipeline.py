@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--lowlevel-external-ratio",
         type=float,
         default=1.0,
-        help="synthetic samples per real one in the low-level branch [1; the method and the semantic branch: 3]: "
-        "its VGG targets and contrastive loss are computed per sample, so on a CPU each synthetic sample costs",
+        help="synthetic samples per real one in the low-level branch [1; the method and the semantic branch: 3]; "
+        "its VGG targets and contrastive loss are computed per sample, so each synthetic one costs a real one's time",
     )
     parser.add_argument(
         "--recon-images", type=int, default=10, help="test images reconstructed per subject [10]"
@@ -103,36 +103,36 @@ class Demo:
     # ------------------------------------------------------------------------------------ plumbing
     def sh(self, *args: str) -> None:
         """Run ``brainit-pl ARGS`` (output to the log); stop with the log's tail on failure."""
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        print("  $ brainit-pl " + " ".join(args), flush=True)
-        with open(self.log_file, "a") as f:
-            cmd = [sys.executable, "-m", "brainit_pl.cli", *args]
-            proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
-            tail = self.log_file.read_text()[-2000:]
-            raise BrainITError(f"step failed: brainit-pl {' '.join(args)} (see {self.log_file}):\n{tail}")
+        self.sh_parallel([list(args)], threads=None)
 
-    def sh_parallel(self, commands: list[list[str]]) -> None:
-        """Run several ``brainit-pl`` commands at once, one torch thread each (logs: ``OUT/log_<i>.txt``)."""
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    def sh_parallel(self, commands: list[list[str]], threads: int | None = 1) -> None:
+        """Run ``brainit-pl`` commands at once (``threads`` torch threads each; ``None``: torch's default).
+
+        Each writes its own ``OUT/log_<i>.txt``, appended to ``OUT/log.txt`` when all have ended; the first
+        failure stops the run with the log's tail.
+        """
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = str(threads)
         procs = []
         for i, args in enumerate(commands):
             print("  $ brainit-pl " + " ".join(args), flush=True)
             log_file = self.out / f"log_{i}.txt"
-            with open(log_file, "a") as f:
+            with open(log_file, "w") as f:
                 cmd = [sys.executable, "-m", "brainit_pl.cli", *args]
                 procs.append(
                     (args, log_file, subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT))
                 )
-        failed = [(args, log_file) for args, log_file, proc in procs if proc.wait() != 0]
-        for _, log_file, _ in procs:  # one log for the whole run, as with sh()
-            with open(self.log_file, "a") as f:
+        failed = [args for args, _, proc in procs if proc.wait() != 0]
+        with open(self.log_file, "a") as f:
+            for _, log_file, _ in procs:
                 f.write(log_file.read_text())
-            log_file.unlink()
+                log_file.unlink()
         if failed:
-            args, _ = failed[0]
             tail = self.log_file.read_text()[-2000:]
-            raise BrainITError(f"step failed: brainit-pl {' '.join(args)} (see {self.log_file}):\n{tail}")
+            raise BrainITError(
+                f"step failed: brainit-pl {' '.join(failed[0])} (see {self.log_file}):\n{tail}"
+            )
 
     def step(self, name: str, done: Path, action) -> None:
         """Run ``action`` unless ``done`` exists; record its seconds."""
