@@ -33,9 +33,9 @@ Holds out subject S (``--subject``, default the store's last) and decodes it fou
 
 Every step is skipped when its output exists (seconds per step persist in ``OUT/timings.json``); command
 output goes to ``OUT/log.txt``. Tiny twins on a simulated brain: the numbers test the method's claims (a
-1-hour transfer beats scratch and nears all data), they are not NSD results. The base models train as long
-as ``make demo``'s all-data models (encoder 6, BITs 10 epochs, 1 : 3 external), so that the transfer / all
-data ratio measures the hour of data, not weaker starting points.
+1-hour transfer beats scratch and nears all data), they are not NSD results. The base models train at least as
+long as ``make demo``'s all-data models (encoder 6 epochs, BITs 10 at 1 : 3 external; the demo's low-level
+BIT: 5 at 1 : 1), so that the transfer / all data ratio measures the hour of data, not a weaker start.
 
 Time (demo store, 2-core VM, the defaults, measured in session 3): base models 10.7 min (encoder 2.2,
 synthetic fMRI 1.3, semantic BIT 2.0, low-level BIT 5.2), the NN transfer 3.3 min, its random-init twin
