@@ -11,10 +11,10 @@ import pytest
 
 from brainit_pl.cli import main
 from brainit_pl.errors import BrainITError
+from brainit_pl.pipeline import best_checkpoint
 from brainit_pl.transfer_demo import (
     TransferDemo,
     add_arguments,
-    best_checkpoint,
     check_subject,
     demo_checkpoints,
 )

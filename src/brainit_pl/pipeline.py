@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from brainit_pl.errors import BrainITError
+from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -270,8 +270,7 @@ class Demo:
             (run / "fit" / "done").write_text("ok\n")
 
         self.step(f"{branch} {key}", run / "fit" / "done", train)
-        best = sorted(p for p in (run / "fit").rglob("*.ckpt") if p.name != "last.ckpt")
-        ckpt = best[-1] if best else sorted((run / "fit").rglob("last.ckpt"))[-1]
+        ckpt = best_checkpoint(run / "fit")
         test = ["--trainer.default_root_dir", str(run / "test"), "--ckpt_path", str(ckpt)]
         self.step(
             f"{branch} {key} test", run / "test" / "lightning_logs", lambda: self.sh("test", *common, *test)
@@ -334,6 +333,14 @@ class Demo:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def best_checkpoint(run: Path) -> Path:
+    """A fit folder's checkpoint as the demo picks it (also for transfer-demo): the best-validation one, else ``last.ckpt``."""
+    best = sorted(p for p in run.rglob("*.ckpt") if p.name != "last.ckpt")
+    found = best or sorted(run.rglob("last.ckpt"))
+    require(bool(found), f"{run} holds no checkpoint: delete the folder to train it again")
+    return found[-1]
+
+
 def _scalars(run: Path) -> dict[str, list[float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

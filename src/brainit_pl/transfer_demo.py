@@ -58,7 +58,7 @@ from typing import Any
 
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_write_text
-from brainit_pl.pipeline import CONFIGS, Demo, _simulation_root
+from brainit_pl.pipeline import CONFIGS, Demo, _simulation_root, best_checkpoint
 from brainit_pl.transfer_report import FEATURES, VARIANTS
 
 MIN_TRAIN_IMAGES = 4  # fewer is not a limited-data experiment but noise
@@ -388,14 +388,6 @@ def check_subject(
         "(or --val-fraction, for the validation images)",
     )
     return subject, base
-
-
-def best_checkpoint(run: Path) -> Path:
-    """A fit folder's checkpoint as the demo picks it: the best-validation one, else ``last.ckpt``."""
-    best = sorted(p for p in run.rglob("*.ckpt") if p.name != "last.ckpt")
-    found = best or sorted(run.rglob("last.ckpt"))
-    require(bool(found), f"{run} holds no checkpoint: delete the folder to train it again")
-    return found[-1]
 
 
 def demo_checkpoints(root: Path | None) -> dict[str, Path] | None:
