@@ -4,8 +4,10 @@
 in [0, 1] to the five maps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (``features`` indices 5, 12, 22,
 32, 42) of the ImageNet-normalised 112² image: 64×112², 128×56², 256×28², 512×14², 512×7².
 ``build_vgg(None, tiny=True)`` is its twin: the same layers and channel counts with seeded random
-weights (building it takes ~0.1 s and a forward pass at batch 2 ~0.15 s on 2 CPU cores, so nothing
-smaller is needed, and its tokens have the real 7,190 × 512 layout).
+weights, initialised as torchvision initialises VGG16-BN and with its BatchNorm statistics calibrated on
+1/f-noise images, so that its features, like a trained network's, carry image information at every scale
+(building it takes ~0.5 s and a forward pass at batch 2 ~0.15 s on 2 CPU cores, so nothing smaller is
+needed, and its tokens have the real 7,190 × 512 layout).
 
 The tokens (the low-level BIT's targets) are too large to cache (7,190 × 512 per image), so
 :class:`VGGTokens` computes them from the image batch on the fly. :func:`vgg_maps_to_tokens` and its
@@ -238,7 +240,8 @@ def build_vgg(
     Args:
         weights: a torchvision VGG16-BN state dict file (``vgg16_bn-6c64b313.pth``, or any file with the
             same ``features.*`` keys, a tiny twin's included). ``None``: the real network reads
-            ``vgg16_bn-6c64b313.pth`` from the weights folder; the tiny twin gets seeded random weights.
+            ``vgg16_bn-6c64b313.pth`` from the weights folder; the tiny twin gets seeded random weights (torchvision's init, calibrated
+            BatchNorm statistics).
         tiny: build the tiny twin (same layers, random weights) when ``weights`` is ``None``.
         seed: seed of the tiny twin's random weights.
         weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS`` or ``~/.cache/brainit-pl/weights``).
@@ -256,7 +259,10 @@ def build_vgg(
     require(slim == 1 or (tiny and weights is None), "slim VGGs exist only as the tiny random twin")
     if tiny and weights is None:
         with seeded(seed):
-            return VGGFeatures(_features(slim))
+            features = _features(slim)
+            _init_like_torchvision(features)
+            _calibrate_batchnorm(features, _pink_noise(CALIBRATION_IMAGES, IMAGE_SIZE))
+        return VGGFeatures(features)
     path = resolve_weights("vgg16-bn", weights, weights_dir=weights_dir)
     with torch.device("meta"):
         features = _features()
@@ -275,6 +281,61 @@ def _features(slim: int = 1) -> nn.Sequential:
     # so the keys match its weight file without building the 120M-parameter classifier.
     cfg = [v if v == "M" else v // slim for v in cfgs["D"]]
     return make_layers(cfg, batch_norm=True)[: TAPS[-1] + 1]
+
+
+CALIBRATION_IMAGES = 8  # BatchNorm statistics over 8 × H × W positions per channel (≥ 392 at relu5_3)
+
+
+def _init_like_torchvision(features: nn.Sequential) -> None:
+    """torchvision's own VGG initialisation (``VGG._initialize_weights``), which ``make_layers`` skips.
+
+    Without it the convolutions keep PyTorch's default init (variance 1 / (3 fan_in)): each layer shrinks
+    the signal ~2.5× while its bias does not, so relu3_3..relu5_3 of the twin were ~99.9 % an
+    image-independent constant (image-specific rms 1e-2..3e-5 of the token norm) and three of the five
+    low-level InfoNCE scales had nothing to learn (issue #4).
+    """
+    for module in features.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+
+def _pink_noise(n: int, size: int) -> Tensor:
+    """(n, 3, size, size) images in [0, 1] with a 1/f amplitude spectrum (natural images' second-order statistics)."""
+    freq = torch.fft.fftfreq(size)
+    radius = (freq[:, None] ** 2 + freq[None, :] ** 2).sqrt().clamp_min(1.0 / size)  # (size, size)
+    phase = torch.randn(n, 3, size, size)
+    field = torch.fft.ifft2(torch.fft.fft2(phase) / radius).real  # (n, 3, size, size)
+    field = field + 0.5 * field.mean(1, keepdim=True)  # colour channels correlated, as in photographs
+    lo = field.flatten(1).quantile(0.01, dim=1)[:, None, None, None]
+    hi = field.flatten(1).quantile(0.99, dim=1)[:, None, None, None]
+    return ((field - lo) / (hi - lo)).clamp(0, 1)
+
+
+@torch.no_grad()
+def _calibrate_batchnorm(features: nn.Sequential, images: Tensor) -> None:
+    """Set every BatchNorm's running statistics to those of ``images`` (a forward pass in train mode).
+
+    A trained VGG16-BN's running statistics standardise each channel over natural images; a random twin's
+    defaults (mean 0, variance 1) do not, and its deeper maps drift in scale. Calibrated, the twin's five
+    scales have similar token norms and ~30 % of their energy in the image-independent mean (a real
+    network's features have the same kind of statistics), so the low-level loss sees image information at
+    every scale.
+    """
+    norms = [m for m in features.modules() if isinstance(m, nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: exactly this batch's statistics
+    features.train()
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    features((images - mean) / std)
+    features.eval()
+    for norm in norms:
+        norm.momentum = 0.1  # torchvision's default, should anyone fine-tune the twin
 
 
 def _out_channels(features: nn.Sequential, index: int) -> int:
