@@ -64,3 +64,22 @@ def bit_store(tiny_store, tmp_path_factory):
     labels = np.random.default_rng(0).integers(0, 4, size=sum(n_voxels.values()))
     save_clusters(store / "clusters.npz", ClusterMap(labels, n_voxels, 4, "random", 0))
     return store
+
+
+@pytest.fixture(scope="session")
+def picture():
+    """``picture(name, size)``: a scikit-image sample photograph, centre-cropped square and resized
+    (anti-aliased) → (1, 3, size, size) float in [0, 1]."""
+    import numpy as np
+    import skimage.data
+    import torch
+    import torch.nn.functional as F
+
+    def load(name: str, size: int) -> torch.Tensor:
+        x = torch.from_numpy(np.asarray(getattr(skimage.data, name)())).permute(2, 0, 1)[None].float() / 255
+        h, w = x.shape[-2:]
+        m = min(h, w)
+        x = x[..., (h - m) // 2 : (h - m) // 2 + m, (w - m) // 2 : (w - m) // 2 + m]
+        return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
+
+    return load

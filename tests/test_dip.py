@@ -1,11 +1,8 @@
 """The DIP network and the inversion of VGG tokens: architecture, batched = single runs, input checks, and
 recovery of real pictures from their tokens through the random VGG16-BN twin."""
 
-import numpy as np
 import pytest
-import skimage.data
 import torch
-import torch.nn.functional as F
 
 from brainit_pl.backbones.vgg import VGGTokens, build_vgg
 from brainit_pl.errors import BrainITError
@@ -28,15 +25,6 @@ def one_thread():
 @pytest.fixture(scope="module")
 def vgg_tokens():
     return VGGTokens(build_vgg(None, tiny=True))
-
-
-def picture(name: str, size: int) -> torch.Tensor:
-    """A skimage sample picture, centre-cropped square and resized: (1, 3, size, size) in [0, 1]."""
-    x = torch.from_numpy(np.asarray(getattr(skimage.data, name)())).permute(2, 0, 1)[None].float() / 255
-    h, w = x.shape[-2:]
-    m = min(h, w)
-    x = x[..., (h - m) // 2 : (h - m) // 2 + m, (w - m) // 2 : (w - m) // 2 + m]
-    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
 
 
 def expected_parameters(c_in: int, c: int, s: int, scales: int, out: int = 3) -> int:
@@ -96,7 +84,7 @@ def test_batched_inversion_equals_single_runs(vgg_tokens):
     assert (together[0] - together[1]).abs().max() > 1e-2  # different targets and seeds, different images
 
 
-def test_inversion_smoke(vgg_tokens):
+def test_inversion_smoke(vgg_tokens, picture):
     """Shape, range, maps as targets, and a few steps already matching each image's own features best."""
     images = torch.cat([picture("astronaut", 64), picture("coffee", 64)])
     with torch.no_grad():
@@ -132,15 +120,16 @@ def test_bad_targets_are_one_clear_error(vgg_tokens):
 
 
 @pytest.mark.slow
-def test_inversion_recovers_each_picture(vgg_tokens):
+def test_inversion_recovers_each_picture(vgg_tokens, picture):
     """Inverting a picture's true tokens (random VGG twin: its features still carry low-level information)
     gives an image closer to that picture than the inversions of the other pictures' tokens are."""
     images = torch.cat([picture(n, 112) for n in ("astronaut", "coffee", "chelsea")])
     with torch.no_grad():
         tokens = vgg_tokens(images)
-    # 60 steps at a higher learning rate and a narrower network than the real 1,800 (~20 CPU-s)
+    # 120 steps at a higher learning rate and a narrower network than the real 1,800 (~45 CPU-s); margins
+    # measured with the calibrated twin: PixCorr ≥ 0.51, SSIM ≥ 0.137
     recons = invert_vgg_tokens(
-        tokens, vgg_tokens, steps=60, lr=3e-3, net=SkipConfig(channels=16), image_size=112, progress=False
+        tokens, vgg_tokens, steps=120, lr=3e-3, net=SkipConfig(channels=16), image_size=112, progress=False
     )
     k = len(images)
     # [i, j]: reconstruction from picture i's tokens against picture j

@@ -129,19 +129,12 @@ def test_slim_twin_keeps_the_token_layout():
 
 
 @pytest.mark.parametrize("slim", [1, 8])
-def test_twin_carries_image_information_at_every_scale(slim):
+def test_twin_carries_image_information_at_every_scale(slim, picture):
     """The twin's deep maps must not be an image-independent constant (issue #4: with PyTorch's default
     init and uncalibrated BatchNorm, relu4_3/relu5_3 differed between images by ~1e-4 of their norm, so the
     low-level loss had nothing to learn at three of its five scales)."""
-    import skimage.data
-    import torch.nn.functional as F
-
-    def picture(name: str) -> torch.Tensor:
-        x = torch.from_numpy(np.asarray(getattr(skimage.data, name)())).permute(2, 0, 1)[None].float() / 255
-        return F.interpolate(x, size=(112, 112), mode="bilinear", antialias=True).clamp(0, 1)
-
     twin = VGGTokens(build_vgg(None, tiny=True, slim=slim))
-    images = torch.cat([picture(n) for n in ("astronaut", "coffee", "chelsea", "rocket")])
+    images = torch.cat([picture(n, 112) for n in ("astronaut", "coffee", "chelsea", "rocket")])
     with torch.no_grad():
         scales = twin.layout.split(twin(images))  # [(4, T_i, D)]
     for i, tokens in enumerate(scales):

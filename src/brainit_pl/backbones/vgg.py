@@ -240,8 +240,8 @@ def build_vgg(
     Args:
         weights: a torchvision VGG16-BN state dict file (``vgg16_bn-6c64b313.pth``, or any file with the
             same ``features.*`` keys, a tiny twin's included). ``None``: the real network reads
-            ``vgg16_bn-6c64b313.pth`` from the weights folder; the tiny twin gets seeded random weights (torchvision's init, calibrated
-            BatchNorm statistics).
+            ``vgg16_bn-6c64b313.pth`` from the weights folder; the tiny twin gets seeded random weights
+            (torchvision's init, calibrated BatchNorm statistics).
         tiny: build the tiny twin (same layers, random weights) when ``weights`` is ``None``.
         seed: seed of the tiny twin's random weights.
         weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS`` or ``~/.cache/brainit-pl/weights``).
@@ -291,7 +291,7 @@ def _init_like_torchvision(features: nn.Sequential) -> None:
 
     Without it the convolutions keep PyTorch's default init (variance 1 / (3 fan_in)): each layer shrinks
     the signal ~2.5× while its bias does not, so relu3_3..relu5_3 of the twin were ~99.9 % an
-    image-independent constant (image-specific rms 1e-2..3e-5 of the token norm) and three of the five
+    image-independent constant (image-specific rms 4e-2..2e-4 of the token norm) and three of the five
     low-level InfoNCE scales had nothing to learn (issue #4).
     """
     for module in features.modules():
@@ -321,7 +321,7 @@ def _calibrate_batchnorm(features: nn.Sequential, images: Tensor) -> None:
 
     A trained VGG16-BN's running statistics standardise each channel over natural images; a random twin's
     defaults (mean 0, variance 1) do not, and its deeper maps drift in scale. Calibrated, the twin's five
-    scales have similar token norms and ~30 % of their energy in the image-independent mean (a real
+    scales have similar token norms and 30–50 % of their energy in the image-independent mean (a real
     network's features have the same kind of statistics), so the low-level loss sees image information at
     every scale.
     """
