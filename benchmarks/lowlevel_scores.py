@@ -31,7 +31,8 @@ def collect(path: str, dm: NSDDataModule, device: str) -> tuple[torch.Tensor, to
             preds.append(
                 module(batch["betas"].to(device), batch["voxel_ids"].to(device), positions).float().cpu()
             )
-            targets.append(module._vgg_targets(batch["image_112"].to(device))[:, module.eval_positions].cpu())
+            tokens = module.vgg_tokens(batch["image_112"].to(device)).float()  # (B, 7190, D): the true tokens
+            targets.append(tokens[:, module.eval_positions].cpu())
     return torch.cat(preds), torch.cat(targets)
 
 
