@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from brainit_pl.data.datamodule import NSDDataModule
 from brainit_pl.lit.bit import BITModule
-from brainit_pl.metrics.identification import two_way_identification
+from brainit_pl.metrics.identification import two_way_from_scores, two_way_identification
 
 
 def collect(path: str, dm: NSDDataModule, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,20 +36,15 @@ def collect(path: str, dm: NSDDataModule, device: str) -> tuple[torch.Tensor, to
     return torch.cat(preds), torch.cat(targets)
 
 
-def ranked(scores: torch.Tensor) -> float:
-    """Two-way identification from an (N, N) score matrix, row i = prediction i, diagonal = its own image."""
-    n = len(scores)
-    return ((scores < scores.diagonal()[:, None]).sum(1).double() / (n - 1)).mean().item()
-
-
 def scores(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     centred_p, centred_t = pred - pred.mean(0), target - target.mean(0)
-    cosines = torch.einsum("ipd,jpd->ij", F.normalize(pred, dim=-1), F.normalize(target, dim=-1))
+    # (N target, N pred) similarity matrices, as two_way_from_scores reads them
+    cosines = torch.einsum("ipd,jpd->ij", F.normalize(target, dim=-1), F.normalize(pred, dim=-1))
     return {
         "pearson": two_way_identification(target.flatten(1), pred.flatten(1)).item(),
         "centred": two_way_identification(centred_t.flatten(1), centred_p.flatten(1)).item(),
-        "dot": ranked(torch.einsum("ipd,jpd->ij", pred, target)),
-        "token_cosine": ranked(cosines),
+        "dot": two_way_from_scores(torch.einsum("ipd,jpd->ij", target, pred)).item(),
+        "token_cosine": two_way_from_scores(cosines).item(),
         "common": (pred.mean(0).square().sum() / pred.square().sum(dim=(1, 2)).mean()).item(),
         "common_true": (target.mean(0).square().sum() / target.square().sum(dim=(1, 2)).mean()).item(),
     }

@@ -261,8 +261,9 @@ def build_vgg(
         with seeded(seed):
             features = _features(slim)
             _init_like_torchvision(features)
-            _calibrate_batchnorm(features, _pink_noise(CALIBRATION_IMAGES, IMAGE_SIZE))
-        return VGGFeatures(features)
+            vgg = VGGFeatures(features)
+            _calibrate_batchnorm(vgg, _pink_noise(CALIBRATION_IMAGES, IMAGE_SIZE))
+        return vgg
     path = resolve_weights("vgg16-bn", weights, weights_dir=weights_dir)
     with torch.device("meta"):
         features = _features()
@@ -316,7 +317,7 @@ def _pink_noise(n: int, size: int) -> Tensor:
 
 
 @torch.no_grad()
-def _calibrate_batchnorm(features: nn.Sequential, images: Tensor) -> None:
+def _calibrate_batchnorm(vgg: VGGFeatures, images: Tensor) -> None:
     """Set every BatchNorm's running statistics to those of ``images`` (a forward pass in train mode).
 
     A trained VGG16-BN's running statistics standardise each channel over natural images; a random twin's
@@ -325,15 +326,13 @@ def _calibrate_batchnorm(features: nn.Sequential, images: Tensor) -> None:
     network's features have the same kind of statistics), so the low-level loss sees image information at
     every scale.
     """
-    norms = [m for m in features.modules() if isinstance(m, nn.BatchNorm2d)]
+    norms = [m for m in vgg.net.modules() if isinstance(m, nn.BatchNorm2d)]
     for norm in norms:
         norm.reset_running_stats()
         norm.momentum = None  # a cumulative average: exactly this batch's statistics
-    features.train()
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    features((images - mean) / std)
-    features.eval()
+    vgg.net.train()  # the wrapper keeps its network in eval mode; this pass alone needs train mode
+    vgg.net(vgg.preprocess(images))
+    vgg.net.eval()
     for norm in norms:
         norm.momentum = 0.1  # torchvision's default, should anyone fine-tune the twin
 

@@ -67,9 +67,17 @@ def two_way_identification(gt_features: Tensor, recon_features: Tensor) -> Tenso
     n = gt_features.shape[0]
     if n < 2:
         raise InvalidInputError(f"two-way identification needs at least 2 images, got {n}")
-    corr = correlation_matrix(gt_features, recon_features)  # (N gt, N recon)
-    congruent = corr.diagonal()  # (N,), C[j, j]
-    wins = (corr < congruent.unsqueeze(0)).sum(dim=0)  # (N,), per reconstruction j; the diagonal never wins
+    return two_way_from_scores(correlation_matrix(gt_features, recon_features))
+
+
+def two_way_from_scores(scores: Tensor) -> Tensor:
+    """Two-way identification from any (N gt, N recon) similarity matrix (higher = more alike).
+
+    For each reconstruction j, the fraction of ground truths i ≠ j with S[i, j] < S[j, j], averaged over j.
+    """
+    n = scores.shape[0]
+    congruent = scores.diagonal()  # (N,), S[j, j]
+    wins = (scores < congruent.unsqueeze(0)).sum(dim=0)  # (N,), per reconstruction j; the diagonal never wins
     return wins.double().mean() / (n - 1)
 
 
