@@ -1,6 +1,6 @@
 """BIT vs the baselines on held-out feature prediction, and functional vs anatomical V2C clusters.
 
-Runs the feature-model steps of ``brainit-pl demo`` (:mod:`brainit_pl.pipeline`: CLIP cache, encoder, V2C,
+Runs the feature-model steps of ``brainit-pl demo`` (:mod:`brainit_pl.workflows.demo`: CLIP cache, encoder, V2C,
 synthetic fMRI, then for each branch the BIT on functional clusters, the BIT on anatomical clusters, the
 MindEye2-style baseline and ridge, trained on the same data and targets and tested on the shared images;
 each step skipped when done) and prints the table from its ``summary.json``:

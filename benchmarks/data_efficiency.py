@@ -44,8 +44,14 @@ from typing import Any
 
 from brainit_pl.errors import BrainITError
 from brainit_pl.files import atomic_write_text
-from brainit_pl.transfer_demo import BRANCHES, TransferDemo, add_arguments, check_subject, test_on_subject
-from brainit_pl.transfer_report import subject_noise_ceiling
+from brainit_pl.workflows.transfer.demo import (
+    BRANCHES,
+    TransferDemo,
+    add_arguments,
+    check_subject,
+    test_on_subject,
+)
+from brainit_pl.workflows.transfer.report import subject_noise_ceiling
 
 METHODS = {
     "transfer": "BIT transfer",

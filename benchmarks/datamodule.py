@@ -84,7 +84,7 @@ def synthetic_store(out: Path, sessions: int, seed: int = 0) -> Path:
 def simulated_store(out: Path, sessions: int, image_size: int) -> Path:
     """Simulate the `full` preset (one subject, ``sessions`` sessions) and prepare it; return the store."""
     from brainit_pl.data.prepare import prepare
-    from brainit_pl.data.simulate import simulate
+    from brainit_pl.data.sim.simulate import simulate
 
     nsd = simulate(out.parent / "nsd", preset="full", subjects=1, image_size=image_size, sessions=sessions)
     return prepare(nsd, out)

@@ -3,7 +3,7 @@
 The DIP stage has its own script (``benchmarks/recon_dip.py``: batched vs one image at a time, in one run);
 this one times the diffusion stages with random weights — the cost does not depend on the weights:
 
-* unCLIP: :class:`~brainit_pl.recon.unclip.UnCLIPSampler` from an init image (36 of 50 Euler steps, each
+* unCLIP: :class:`~brainit_pl.models.unclip.UnCLIPSampler` from an init image (36 of 50 Euler steps, each
   a guided UNet call on 2B latents) — the real SDXL-unCLIP shapes with ``--real`` (2.5 B parameters:
   a GPU job; bf16 UNet, float32 VAE), the tiny twin otherwise;
 * refine: :func:`~brainit_pl.recon.refine.refine` (8 guided SDXL steps at 768²) — the tiny twin at 64²
@@ -33,7 +33,7 @@ def _sync(device: torch.device) -> None:
 
 def time_unclip(real: bool, device: torch.device, images: int) -> tuple[float, int]:
     """Seconds for ``images`` samples from an init image, and the number of Euler steps run."""
-    from brainit_pl.recon.unclip import UnCLIPSampler, build_unclip_unet, build_unclip_vae
+    from brainit_pl.models.unclip import UnCLIPSampler, build_unclip_unet, build_unclip_vae
 
     unet = build_unclip_unet(tiny=not real, device=device)
     if real and device.type == "cuda":

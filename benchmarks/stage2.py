@@ -37,7 +37,7 @@ def worker(trainable: str, args: argparse.Namespace) -> dict:
     from brainit_pl.backbones.frozen import FrozenBackbone
     from brainit_pl.lit.stage2 import Stage2Module, ddpm_scheduler
     from brainit_pl.models.bit import BIT, BIT_SEMANTIC, BIT_TINY
-    from brainit_pl.recon.unclip import IMAGE_SIZE, OFFSET_NOISE, build_unclip_unet, build_unclip_vae
+    from brainit_pl.models.unclip import IMAGE_SIZE, OFFSET_NOISE, build_unclip_unet, build_unclip_vae
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"

@@ -12,7 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 @pytest.fixture(scope="session")
 def tiny_nsd(tmp_path_factory):
     """A raw NSD root written by the simulator's `tiny` preset (seed 0). Treat as read-only."""
-    from brainit_pl.data.simulate import simulate
+    from brainit_pl.data.sim.simulate import simulate
 
     return simulate(tmp_path_factory.mktemp("tiny") / "nsd", preset="tiny", seed=0)
 

@@ -365,7 +365,7 @@ def test_package_exports_lazily_and_one_module_loads_no_other():
         )
     with pytest.raises(AttributeError, match="no attribute 'build_nothing'"):
         backbones.build_nothing  # noqa: B018
-    others = ("brainit_pl.metrics", "brainit_pl.backbones.metric_nets", "brainit_pl.backbones.clip")
+    others = ("brainit_pl.metrics", "brainit_pl.metrics.nets", "brainit_pl.backbones.clip")
     code = f"import sys, brainit_pl.backbones.vgg; print([m for m in {others!r} if m in sys.modules])"
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"

@@ -17,7 +17,7 @@ from sklearn.preprocessing import StandardScaler
 from brainit_pl.cli import main
 from brainit_pl.data.datamodule import NSDDataModule
 from brainit_pl.data.prepare import prepare
-from brainit_pl.data.simulate import simulate
+from brainit_pl.data.sim.simulate import simulate
 from brainit_pl.features.extract import extract_features
 from brainit_pl.lit.ridge import RidgeModule
 from brainit_pl.metrics.features import token_cosine

@@ -341,7 +341,7 @@ def test_store_without_shared_trials_has_no_test_split(tmp_path):
 
 def test_prepared_tiny_simulation(request):
     """Integration: the store `prepare` writes from the simulator's tiny preset."""
-    pytest.importorskip("brainit_pl.data.simulate")
+    pytest.importorskip("brainit_pl.data.sim.simulate")
     root = request.getfixturevalue("tiny_store")
     dm = NSDDataModule(str(root), voxels_per_sample=50, batch_size=8, image_sizes=[112, 224])
     dm.setup()

@@ -25,7 +25,7 @@ from test_nsd_reader import SUBJECTIM, TPS, make_tree
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     """Simulate `tiny` (seed 0) once and prepare it once: (raw root, store)."""
-    from brainit_pl.data.simulate import simulate
+    from brainit_pl.data.sim.simulate import simulate
 
     base = tmp_path_factory.mktemp("prepare")
     root = simulate(base / "nsd", "tiny", seed=0)

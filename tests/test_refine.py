@@ -12,6 +12,7 @@ from skimage.transform import resize
 from brainit_pl.backbones.weights import WEIGHT_FILES, WEIGHTS_ENV
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.protocols import resize_bilinear
+from brainit_pl.models.sgm_keys import diffusers_to_sgm
 from brainit_pl.recon.refine import (
     CONFIG_DIR,
     NEGATIVE_PROMPT,
@@ -22,7 +23,6 @@ from brainit_pl.recon.refine import (
     build_refiner,
     refine,
 )
-from brainit_pl.recon.sgm_keys import diffusers_to_sgm
 
 SIZE = 64  # the tiny twin's stand-in for 768²: an 8 × 8 latent
 SDXL_BASE_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json

@@ -16,11 +16,11 @@ import scipy.io as sio
 from brainit_pl.cli import main
 from brainit_pl.data import simulate as sim_module
 from brainit_pl.data.layout import NSD_BETA_SCALE, NSDLayout
-from brainit_pl.data.sim_design import build_design
-from brainit_pl.data.sim_presets import PRESETS, get_preset
-from brainit_pl.data.sim_stimuli import TREE_STREAM, generate_stimuli, make_external_images
-from brainit_pl.data.sim_truth import true_responses
-from brainit_pl.data.simulate import simulate
+from brainit_pl.data.sim.design import build_design
+from brainit_pl.data.sim.presets import PRESETS, get_preset
+from brainit_pl.data.sim.simulate import simulate
+from brainit_pl.data.sim.stimuli import TREE_STREAM, generate_stimuli, make_external_images
+from brainit_pl.data.sim.truth import true_responses
 from brainit_pl.errors import BrainITError
 
 

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from brainit_pl.cli import main
 from brainit_pl.errors import BrainITError
 from brainit_pl.lit.stage2 import Stage2Module, ddpm_scheduler, diffusion_noise
-from brainit_pl.recon.unclip import build_unclip_unet
+from brainit_pl.models.unclip import build_unclip_unet
 from test_fit import DIST_VARS
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "sim"

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 from brainit_pl.cli import main
-from brainit_pl.data.sim_stimuli import make_external_images
+from brainit_pl.data.sim.stimuli import make_external_images
 from brainit_pl.data.store import Store
+from brainit_pl.data.synthetic_store import SyntheticFMRI, fmri_path
 from brainit_pl.errors import BrainITError
 from brainit_pl.features.synthesize import score_against_truth, synthesize_fmri
-from brainit_pl.features.synthetic_store import SyntheticFMRI, fmri_path
 from brainit_pl.lit.encoder import EncoderModule
 from brainit_pl.models.encoder import UniversalEncoder
 

@@ -11,14 +11,14 @@ import pytest
 
 from brainit_pl.cli import main
 from brainit_pl.errors import BrainITError
-from brainit_pl.pipeline import best_checkpoint
-from brainit_pl.transfer_demo import (
+from brainit_pl.workflows.demo import best_checkpoint
+from brainit_pl.workflows.transfer.demo import (
     TransferDemo,
     add_arguments,
     check_subject,
     demo_checkpoints,
 )
-from brainit_pl.transfer_report import (
+from brainit_pl.workflows.transfer.report import (
     VARIANTS,
     build_summary,
     metrics_json,

@@ -10,14 +10,14 @@ import torch
 from brainit_pl.backbones.clip import TINY_CONFIG as TINY_CLIP_CONFIG
 from brainit_pl.backbones.weights import WEIGHT_FILES, WEIGHTS_ENV
 from brainit_pl.errors import BrainITError
-from brainit_pl.recon.sgm_keys import (
+from brainit_pl.models.sgm_keys import (
     UNET_PREFIX,
     VAE_PREFIX,
     diffusers_to_sgm,
     save_sgm_checkpoint,
     sgm_to_diffusers,
 )
-from brainit_pl.recon.unclip import (
+from brainit_pl.models.unclip import (
     TINY_UNET_CONFIG,
     WEIGHTS_KEY,
     UnCLIPSampler,

@@ -28,7 +28,7 @@ from brainit_pl.errors import BrainITError
 # name -> (module, one-line summary). Each module defines add_arguments(parser) and run(args).
 PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": (
-        "brainit_pl.data.simulate",
+        "brainit_pl.data.sim.simulate",
         "write a simulated NSD (raw NSD file layout + ground truth) from a known brain model",
     ),
     "prepare": (
@@ -52,7 +52,7 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "images from fMRI: low-level BIT → DIP, semantic BIT → unCLIP, optional SDXL refinement; scored",
     ),
     "demo": (
-        "brainit_pl.pipeline",
+        "brainit_pl.workflows.demo",
         "the whole method on the simulated NSD (simulate → … → reconstruct), one report (make demo)",
     ),
     "evaluate": (
@@ -60,11 +60,11 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "score reconstructions against ground-truth images with the standard NSD metrics",
     ),
     "transfer": (
-        "brainit_pl.transfer",
+        "brainit_pl.workflows.transfer.run",
         "add a new subject to trained base models from little data (only its voxel embeddings learn)",
     ),
     "transfer-demo": (
-        "brainit_pl.transfer_demo",
+        "brainit_pl.workflows.transfer.demo",
         "hold out a simulated subject: transfer from 1 h vs scratch vs all data, one report (make transfer-1h)",
     ),
 }

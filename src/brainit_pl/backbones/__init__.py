@@ -8,15 +8,16 @@ same code. None of them ever lands in a checkpoint.
 * :func:`build_vgg` (:mod:`.vgg`): VGG16-BN feature maps; :class:`VGGTokens`, :func:`vgg_maps_to_tokens`
   and :func:`vgg_tokens_to_maps` turn them into the low-level tokens and back.
 * :func:`build_dinov2` (:mod:`.dinov2`): DINOv2 ViT-L/14 (registers) tokens, the Universal Encoder's backbone.
-* :func:`build_metric_net` and :func:`build_bare_metric_net` (:mod:`.metric_nets`): the feature networks of
-  the image metrics (AlexNet, Inception v3, CLIP ViT-L/14, EfficientNet-B1, SwAV ResNet-50), with the
-  evaluation protocol's resize and normalisation; tiny twins in :mod:`.metric_tiny`.
 * :mod:`.weights`: the weights folder (:func:`weights_folder`, ``$BRAINIT_WEIGHTS``), the file registry
   (:data:`WEIGHT_FILES`), :func:`resolve_weights`, :func:`read_state_dict` and strict :func:`load_checked`,
   shared by all of the above; :mod:`.frozen`: :class:`FrozenBackbone`, the frozen wrapper.
 
+The feature networks of the image metrics are part of the metrics (:mod:`brainit_pl.metrics.nets`), not here.
+
 The names below are imported on first use (PEP 562 ``__getattr__``), so importing one backbone module
-(``brainit_pl.backbones.vgg``) loads neither the others nor the metrics package that the metric networks need.
+(``brainit_pl.backbones.vgg``) does not load the others.
+
+Layer: imports only ``errors``/``files`` below it (see :mod:`brainit_pl.layers`).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ _SUBMODULE_EXPORTS: dict[str, tuple[str, ...]] = {
         "vgg_tokens_to_maps",
     ),
     "dinov2": ("DINOv2Tokens", "build_dinov2"),
-    "metric_nets": ("METRIC_NETS", "MetricNet", "MetricNetSpec", "build_bare_metric_net", "build_metric_net"),
     "frozen": ("IMAGENET_MEAN", "IMAGENET_STD", "FrozenBackbone", "seeded"),
     "weights": (
         "DEFAULT_WEIGHTS_DIR",
@@ -58,24 +58,19 @@ __all__ = [
     "DEFAULT_WEIGHTS_DIR",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "METRIC_NETS",
     "VGG_TOKEN_RULES",
     "WEIGHTS_ENV",
     "WEIGHT_FILES",
     "CLIPTokens",
     "DINOv2Tokens",
     "FrozenBackbone",
-    "MetricNet",
-    "MetricNetSpec",
     "TokenRule",
     "VGGFeatures",
     "VGGTokenLayout",
     "VGGTokens",
     "WeightFile",
-    "build_bare_metric_net",
     "build_clip",
     "build_dinov2",
-    "build_metric_net",
     "build_vgg",
     "load_checked",
     "read_state_dict",
@@ -106,13 +101,6 @@ if TYPE_CHECKING:  # the same names, eagerly, for type checkers and IDEs
     from brainit_pl.backbones.clip import CLIPTokens, build_clip
     from brainit_pl.backbones.dinov2 import DINOv2Tokens, build_dinov2
     from brainit_pl.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, seeded
-    from brainit_pl.backbones.metric_nets import (
-        METRIC_NETS,
-        MetricNet,
-        MetricNetSpec,
-        build_bare_metric_net,
-        build_metric_net,
-    )
     from brainit_pl.backbones.vgg import (
         VGG_TOKEN_RULES,
         TokenRule,

@@ -70,7 +70,7 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         size="1.22 GB",
         what="DINOv2 ViT-L/14 with 4 registers (timm vit_large_patch14_reg4_dinov2.lvd142m)",
     ),
-    # MindEye2's SDXL-unCLIP (brainit_pl.recon.unclip): an sgm DiffusionEngine state dict, UNet + SDXL VAE.
+    # MindEye2's SDXL-unCLIP (brainit_pl.models.unclip): an sgm DiffusionEngine state dict, UNet + SDXL VAE.
     "mindeye2-unclip6": WeightFile(
         path="unclip6_epoch0_step110000.ckpt",
         url="https://huggingface.co/datasets/pscotti/mindeyev2/resolve/main/unclip6_epoch0_step110000.ckpt",
@@ -85,7 +85,7 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         size="6.94 GB",
         what="SDXL base 1.0 single-file checkpoint (stabilityai/stable-diffusion-xl-base-1.0)",
     ),
-    # The metric networks' files (brainit_pl.backbones.metric_nets), under their download names.
+    # The metric networks' files (brainit_pl.metrics.nets), under their download names.
     "alexnet": WeightFile(
         path="alexnet-owt-7be5be79.pth",
         url=_TORCHVISION + "alexnet-owt-7be5be79.pth",

@@ -15,12 +15,12 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
+from brainit_pl.data.cache import BACKBONES, FeatureCache, cache_path
 from brainit_pl.data.datasets import BatchDataset, BatchPlan
 from brainit_pl.data.external import ExternalData
 from brainit_pl.data.splits import SPLITS, SampleTable, SubjectSplit, make_samples, split_subject
 from brainit_pl.data.store import IMAGE_SIZES, Store
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.features.cache import BACKBONES, FeatureCache, cache_path
 
 log = logging.getLogger(__name__)
 

@@ -35,8 +35,8 @@ from brainit_pl.data.store import Store
 from brainit_pl.errors import require
 
 if TYPE_CHECKING:
+    from brainit_pl.data.cache import FeatureCache
     from brainit_pl.data.external import ExternalData
-    from brainit_pl.features.cache import FeatureCache
 
 
 @dataclass(frozen=True)

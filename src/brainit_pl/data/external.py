@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from brainit_pl.data.cache import FeatureCache, cache_path
+from brainit_pl.data.synthetic_store import SyntheticFMRI, fmri_path
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.features.cache import FeatureCache, cache_path
-from brainit_pl.features.synthetic_store import SyntheticFMRI, fmri_path
 
 
 class ExternalData:

@@ -1,9 +1,9 @@
-"""Precomputed image features of a store's images (``brainit-pl extract-features``).
+"""The jobs that compute features of a store's images: ``extract-features`` and ``synthesize-fmri``.
 
-* :mod:`.cache`: the feature-cache file format (``STORE/features_<backbone>.h5``), the image-store
-  fingerprint that ties a cache to its images, and :class:`~brainit_pl.features.cache.FeatureCache`, the
-  row-streaming reader the NSDDataModule uses.
-* :mod:`.extract`: the ``extract-features`` job (batched, resumable).
+* :mod:`.extract`: CLIP patch tokens of every image into the feature cache (batched, resumable).
+* :mod:`.synthesize`: the trained Universal Encoder's predicted fMRI of an external image set.
 
-Nothing is imported here, so ``import brainit_pl.features.cache`` stays free of torch and open_clip.
+The file formats they write (:mod:`brainit_pl.data.cache`, :mod:`brainit_pl.data.synthetic_store`) live in
+the data layer, which reads them. Layer (:mod:`brainit_pl.layers`): may import the data, backbones, models
+and ``lit`` (the trained encoder). Nothing is imported here, so importing a format stays light.
 """

@@ -33,10 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brainit_pl.data.store import ImageStore, Store
-from brainit_pl.devices import inference_autocast, resolve_device
-from brainit_pl.errors import BrainITError, require
-from brainit_pl.features.cache import (
+from brainit_pl.data.cache import (
     BACKBONES,
     IDENTITY_ATTRS,
     cache_path,
@@ -45,7 +42,10 @@ from brainit_pl.features.cache import (
     image_fingerprint,
     partial_path,
 )
-from brainit_pl.features.synthetic_store import IMAGES_FILE
+from brainit_pl.data.store import ImageStore, Store
+from brainit_pl.data.synthetic_store import IMAGES_FILE
+from brainit_pl.devices import inference_autocast, resolve_device
+from brainit_pl.errors import BrainITError, require
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Brain-IT trains on ~120k unlabeled COCO images paired with the encoder's predicted fMRI (BRAINIT.md §1).
 This job writes that set: the external images into OUT/images.h5 (the store's image format, 224² and 112²,
 external ids 0 .. N-1) and, per subject of the encoder checkpoint, OUT/fmri_subjNN.h5 with (N, V_s) float16
-betas (layout: brainit_pl/features/synthetic_store.py). OUT defaults to STORE/synthetic.
+betas (layout: brainit_pl/data/synthetic_store.py). OUT defaults to STORE/synthetic.
 
 Image sets: `--images simulated` (default) generates the simulator's external stream (never the NSD tree's
 images); `--images-hdf5 PATH` reads a prepared set in MindEye2's format, dataset `images` (N, 3, 224, 224)
@@ -38,11 +38,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from brainit_pl.data.cache import image_fingerprint, partial_path
 from brainit_pl.data.store import ImageStore, Store, write_images
-from brainit_pl.devices import inference_autocast, resolve_device
-from brainit_pl.errors import BrainITError, require
-from brainit_pl.features.cache import image_fingerprint, partial_path
-from brainit_pl.features.synthetic_store import (
+from brainit_pl.data.synthetic_store import (
     IMAGES_FILE,
     SharedImages,
     SyntheticFMRI,
@@ -53,6 +51,8 @@ from brainit_pl.features.synthetic_store import (
     hdf5_source,
     simulated_source,
 )
+from brainit_pl.devices import inference_autocast, resolve_device
+from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -316,8 +316,8 @@ def score_against_truth(out: str | os.PathLike, sim_root: str | os.PathLike) -> 
     Returns:
         subject → median voxel r (NaN voxels, i.e. constant over the images, skipped).
     """
-    from brainit_pl.data.sim_stimuli import EXTERNAL_STREAM
-    from brainit_pl.data.sim_truth import true_responses
+    from brainit_pl.data.sim.stimuli import EXTERNAL_STREAM
+    from brainit_pl.data.sim.truth import true_responses
 
     synth = SyntheticFMRI(out)
     meta = json.loads((Path(sim_root) / "simulation" / "truth.json").read_text())

@@ -17,7 +17,7 @@ authors' ``CombinedDiffusionEngine`` around MindEye2's sgm ``DiffusionEngine`` (
   with σ_t = √((1−ᾱ_t)/ᾱ_t), the same number; its ``EpsWeighting`` (σ⁻²) on the denoised x turns the loss
   into MSE(ε̂, n), which is what is computed here (the target includes the offset noise);
 * conditioning: ``encoder_hidden_states`` = BIT(betas, voxel_ids) (B, 256, 1664); vector condition
-  original_size (256, 256), crop (0, 0) (:func:`~brainit_pl.recon.unclip.vector_condition`).
+  original_size (256, 256), crop (0, 0) (:func:`~brainit_pl.models.unclip.vector_condition`).
 
 Optimisation as the authors: AdamW (torch defaults, weight decay 0.01), lr 1e-5 after a linear warm-up of
 1,000 optimizer steps from 1e-6·lr (sgm's ``LambdaLinearScheduler`` in ``unclip6.yaml``), 10 epochs,
@@ -52,7 +52,7 @@ from brainit_pl.backbones.frozen import FrozenBackbone
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.models.encoder import VoxelRows, check_trainable, grow_voxel_table
-from brainit_pl.recon.unclip import IMAGE_SIZE, OFFSET_NOISE, UnCLIPSampler, load_unclip, vector_condition
+from brainit_pl.models.unclip import IMAGE_SIZE, OFFSET_NOISE, UnCLIPSampler, load_unclip, vector_condition
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL
@@ -199,11 +199,11 @@ class Stage2Module(L.LightningModule):
     # ------------------------------------------------------------------------------------------ parts
     @property
     def vae(self) -> AutoencoderKL:
-        """The frozen VAE (for :class:`~brainit_pl.recon.unclip.UnCLIPSampler`)."""
+        """The frozen VAE (for :class:`~brainit_pl.models.unclip.UnCLIPSampler`)."""
         return self.frozen_vae.net
 
     def sampler(self, **kwargs: Any) -> UnCLIPSampler:
-        """An :class:`~brainit_pl.recon.unclip.UnCLIPSampler` on the fine-tuned UNet and the VAE."""
+        """An :class:`~brainit_pl.models.unclip.UnCLIPSampler` on the fine-tuned UNet and the VAE."""
         return UnCLIPSampler(self.unet, self.vae, image_size=self.hparams.image_size, **kwargs)
 
     def semantic_tokens(self, betas: Tensor, voxel_ids: Tensor) -> Tensor:

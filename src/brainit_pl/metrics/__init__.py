@@ -9,6 +9,12 @@ puts them in one :class:`~torchmetrics.MetricCollection`. Definitions: docs/metr
 * :class:`Retrieval`: 300-way top-1 between brain and image embeddings.
 * :mod:`~brainit_pl.metrics.report`: metrics.md / .csv / .json and TensorBoard logging.
 * :mod:`~brainit_pl.metrics.evaluate`: the ``brainit-pl evaluate`` job.
+* :mod:`~brainit_pl.metrics.nets` (tiny twins in :mod:`~brainit_pl.metrics.nets_tiny`): the metrics'
+  feature networks with each protocol's resize and normalisation.
+* :mod:`~brainit_pl.metrics.features`: feature-prediction quality (token cosine, two-way) of the decoders.
+
+Layer (:mod:`brainit_pl.layers`): may import ``backbones`` (weights, the frozen wrapper) and ``viz``; never
+data, models or Lightning modules.
 """
 
 from brainit_pl.metrics.identification import (

@@ -22,7 +22,7 @@ def resolve_feature_extractor(
 ) -> nn.Module:
     """A module as is, or a metric network name built with real weights from the weights folder."""
     if isinstance(feature_extractor, str):
-        from brainit_pl.backbones.metric_nets import build_metric_net  # lazy: it imports metrics
+        from brainit_pl.metrics.nets import build_metric_net  # lazy: it imports metrics
 
         return build_metric_net(feature_extractor, protocol=protocol)
     if not callable(feature_extractor):

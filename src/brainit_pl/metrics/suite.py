@@ -48,10 +48,10 @@ def build_feature_nets(
         weights_dir: the weights folder for ``"real"``.
 
     Returns:
-        name → :class:`~brainit_pl.backbones.metric_nets.MetricNet`.
+        name → :class:`~brainit_pl.metrics.nets.MetricNet`.
     """
-    from brainit_pl.backbones.metric_nets import METRIC_NETS, build_metric_net
     from brainit_pl.backbones.weights import resolve_weights
+    from brainit_pl.metrics.nets import METRIC_NETS, build_metric_net
 
     if nets not in NET_KINDS:
         raise BrainITError(f"unknown network kind {nets!r}; expected one of {', '.join(NET_KINDS)}")

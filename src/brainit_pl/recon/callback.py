@@ -26,7 +26,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from brainit_pl.errors import require
-from brainit_pl.recon.chain import Reconstructor, load_bit
+from brainit_pl.lit.loading import load_bit
+from brainit_pl.recon.chain import Reconstructor
 
 log = logging.getLogger(__name__)
 

@@ -7,14 +7,13 @@ Shared by ``brainit-pl reconstruct`` (:mod:`.reconstruct`, models from checkpoin
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from brainit_pl.devices import inference_autocast
-from brainit_pl.errors import BrainITError, require
+from brainit_pl.errors import require
 
 STAGES = ("lowlevel", "semantic", "refined")
 
@@ -74,7 +73,7 @@ class Reconstructor:
         self.sampler = self.refiner = None
         self.refine_size = 64 if tiny_refine else 768
         if semantic is not None:
-            from brainit_pl.recon.unclip import UnCLIPSampler, load_unclip
+            from brainit_pl.models.unclip import UnCLIPSampler, load_unclip
 
             unet, vae = load_unclip(unclip, tiny=tiny_unclip, weights_dir=weights_dir)
             width = semantic.target_shape[1]
@@ -98,6 +97,8 @@ class Reconstructor:
     @classmethod
     def from_checkpoints(cls, lowlevel: Path | None, semantic: Path | None, **kwargs) -> Reconstructor:
         """The chain of two ``brainit-pl fit`` checkpoints (either may be ``None``)."""
+        from brainit_pl.lit.loading import load_bit  # Lightning is heavy: imported when used
+
         device = torch.device(kwargs.get("device", "cpu"))
         low = load_bit(lowlevel, "lowlevel", device) if lowlevel else None
         sem = load_bit(semantic, "semantic", device) if semantic else None
@@ -147,32 +148,3 @@ class Reconstructor:
                 self.refiner, images["semantic"], size=self.refine_size, generator=gen, progress=False
             )
         return images
-
-
-def load_bit(path: Path, branch: str, device: torch.device):
-    """A ``BITModule`` checkpoint of ``branch`` (``"lowlevel"`` or ``"semantic"``), in eval mode on ``device``."""
-    from brainit_pl.lit.bit import BITModule
-
-    path = Path(path)
-    require(path.is_file(), f"checkpoint {path} not found")
-    try:
-        module = BITModule.load_from_checkpoint(path, map_location="cpu")
-    except BrainITError:
-        raise
-    except (
-        KeyError,
-        TypeError,
-        AttributeError,
-        ValueError,
-        RuntimeError,
-        EOFError,
-        pickle.UnpicklingError,
-    ) as err:
-        raise BrainITError(
-            f"{path} is not a BIT checkpoint of `brainit-pl fit` with model BITModule ({type(err).__name__}: {err})"
-        ) from err
-    require(
-        module.hparams.branch == branch,
-        f"{path} is a {module.hparams.branch} BIT checkpoint; --{branch} needs a {branch} one",
-    )
-    return module.to(device).eval()

@@ -4,7 +4,7 @@ For every test image of every subject (repeats averaged, all voxels):
 
 1. **lowlevel**: the low-level BIT predicts the 7,190 VGG tokens → DIP inversion (:mod:`.dip`);
 2. **semantic**: the semantic BIT predicts the 256 CLIP tokens → unCLIP sampling from the DIP image
-   (:mod:`.unclip`; without ``--lowlevel``, from noise);
+   (:mod:`brainit_pl.models.unclip`; without ``--lowlevel``, from noise);
 3. **refined** (optional): SDXL img2img on the semantic image (:mod:`.refine`).
 
 Output folder ``OUT``::

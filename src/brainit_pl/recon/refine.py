@@ -7,7 +7,7 @@ predicted captions and keeps 13 sigmas) runs their sgm SDXL engine:
 * input: each image resized to 768² (torchvision's tensor ``Resize``: bilinear; antialiasing does nothing when
   upsampling), VAE-encoded (a posterior sample, scaled by the VAE's 0.13025);
 * schedule: sgm's ``LegacyDDPMDiscretization`` over 25 steps = diffusers' Euler with ``"trailing"`` spacing,
-  the scheduler of :func:`~brainit_pl.recon.unclip.unclip_scheduler` (the authors reuse the unCLIP's sampler
+  the scheduler of :func:`~brainit_pl.models.unclip.unclip_scheduler` (the authors reuse the unCLIP's sampler
   config here too). Their ``img2img_timepoint = 9`` keeps ``sigmas[-9:]`` of the 26 sgm sigmas (25 + the final
   0): the latent is noised to the sigma of step 17 (train step 319) and **8** Euler steps run, at train steps
   319, 279, …, 39. In diffusers terms: ``start_step = 17`` of ``num_steps = 25``, i.e. ``strength = 8/25``
@@ -30,7 +30,7 @@ brainit-pl's default is SDXL base 1.0 (``WEIGHT_FILES["sdxl-base"]``). Any SDXL-
   folder; get it with ``hf download stabilityai/stable-diffusion-xl-base-1.0 --include "*.json" "*.txt"
   --local-dir WEIGHTS/stable-diffusion-xl-base-1.0``.
 
-Tiny twin: the same pipeline class with a tiny UNet, the tiny SDXL VAE of :mod:`.unclip`, two tiny CLIP text
+Tiny twin: the same pipeline class with a tiny UNet, the tiny SDXL VAE of :mod:`brainit_pl.models.unclip`, two tiny CLIP text
 encoders of different widths and byte-level tokenizers, built in code (:func:`build_refiner` ``tiny=True``);
 ``save_pretrained`` writes it as a diffusers folder that :func:`build_refiner` reads back.
 """
@@ -50,8 +50,8 @@ from brainit_pl.backbones.frozen import seeded
 from brainit_pl.backbones.weights import resolve_weights, weights_folder
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.metrics.protocols import resize_bilinear
-from brainit_pl.recon.unclip import TINY_UNET_CONFIG as TINY_UNCLIP_UNET_CONFIG
-from brainit_pl.recon.unclip import build_unclip_vae, unclip_scheduler
+from brainit_pl.models.unclip import TINY_UNET_CONFIG as TINY_UNCLIP_UNET_CONFIG
+from brainit_pl.models.unclip import build_unclip_vae, unclip_scheduler
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionXLImg2ImgPipeline
@@ -142,7 +142,7 @@ def build_refiner(
             config's ``force_upcast``), as sgm does (``disable_first_stage_autocast``).
 
     Returns:
-        A ``StableDiffusionXLImg2ImgPipeline`` with :func:`~brainit_pl.recon.unclip.unclip_scheduler` as its
+        A ``StableDiffusionXLImg2ImgPipeline`` with :func:`~brainit_pl.models.unclip.unclip_scheduler` as its
         scheduler and no watermarker.
 
     Raises:

@@ -1,4 +1,7 @@
-"""Pictures: image grids (stimuli, reconstructions) and brain maps (per-voxel values on the volume)."""
+"""Pictures: image grids (stimuli, reconstructions) and brain maps (per-voxel values on the volume).
+
+Layer (:mod:`brainit_pl.layers`): imports only ``errors`` and ``files``.
+"""
 
 from brainit_pl.viz.brain import plot_voxel_map, voxel_volume
 from brainit_pl.viz.grids import save_image_grid

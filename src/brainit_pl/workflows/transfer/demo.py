@@ -58,8 +58,8 @@ from typing import Any
 
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_write_text
-from brainit_pl.pipeline import CONFIGS, Demo, _simulation_root, best_checkpoint
-from brainit_pl.transfer_report import FEATURES, VARIANTS
+from brainit_pl.workflows.demo import CONFIGS, Demo, _simulation_root, best_checkpoint
+from brainit_pl.workflows.transfer.report import FEATURES, VARIANTS
 
 MIN_TRAIN_IMAGES = 4  # fewer is not a limited-data experiment but noise
 BRANCHES = ("semantic", "lowlevel")
@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 class TransferDemo(Demo):
-    """The steps of the module docstring on :class:`~brainit_pl.pipeline.Demo`'s ``step`` / ``sh``.
+    """The steps of the module docstring on :class:`~brainit_pl.workflows.demo.Demo`'s ``step`` / ``sh``.
 
     Raises:
         BrainITError: S not in the store, or too little of S's data in its first ``hours``
@@ -142,7 +142,7 @@ class TransferDemo(Demo):
             atomic_write_text(self.timings_file, json.dumps(self.timings, indent=2) + "\n")
 
     def run(self) -> dict[str, Any]:
-        from brainit_pl import transfer_report as tr
+        from brainit_pl.workflows.transfer import report as tr
 
         a, out, s = self.args, self.out, self.subject
         self.step("clip features", self.store / "features_clip.h5",
@@ -273,7 +273,7 @@ class TransferDemo(Demo):
 
     def all_data_models(self, fallback: Path) -> dict[str, Path]:
         """The all-data BITs: ``--all-data``'s (``make demo``'s), else trained in ``fallback`` by the demo."""
-        from brainit_pl import pipeline
+        from brainit_pl.workflows import demo as pipeline
 
         a = self.args
         if self.all_data is not None:
@@ -339,7 +339,12 @@ class TransferDemo(Demo):
     def write_report(self, summary: dict[str, Any], folders: dict[str, Path], clusters: Path) -> None:
         """``OUT/report/``: metrics.md / .json, reconstructions.png, clusters.png, summary.json; the table."""
         from brainit_pl.data.store import Store
-        from brainit_pl.transfer_report import metrics_json, metrics_markdown, save_cluster_map, save_grid
+        from brainit_pl.workflows.transfer.report import (
+            metrics_json,
+            metrics_markdown,
+            save_cluster_map,
+            save_grid,
+        )
 
         report = self.out / "report"
         report.mkdir(parents=True, exist_ok=True)
@@ -440,14 +445,14 @@ def score_features(ckpt: Path, store: Path, subject: int, kind: str = "bit") -> 
 def test_on_subject(module, saved: dict[str, Any], store: Path, subject: int) -> dict[str, float]:
     """``trainer.test`` of ``module`` on S's shared images; data settings of its run (``saved``), S alone.
 
-    The batches carry S's voxel ids in the module's table (:class:`~brainit_pl.transfer_plan.TableDataModule`),
+    The batches carry S's voxel ids in the module's table (:class:`~brainit_pl.workflows.transfer.plan.TableDataModule`),
     so a model of several subjects is scored on S only.
     """
     import logging
 
     import lightning as L
 
-    from brainit_pl.transfer_plan import INHERITED_DATA, TableDataModule
+    from brainit_pl.workflows.transfer.plan import INHERITED_DATA, TableDataModule
 
     settings = {k: saved[k] for k in INHERITED_DATA if k in saved}
     settings.update(num_workers=0, persistent_workers=False)  # one short pass: no worker start-up

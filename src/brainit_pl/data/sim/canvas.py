@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from brainit_pl.data.sim_sources import CATEGORIES
+from brainit_pl.data.sim.sources import CATEGORIES
 
 
 @dataclass

@@ -8,10 +8,10 @@ what every image shows) goes to OUT/simulation/. Everything is written into a te
 OUT and renamed into place at the end, so an interrupted run leaves nothing. The same seed gives the
 same arrays.
 
-Model, in short (details in the sim_* modules): voxels of a warped MNI152 posterior grey-matter region
-(sim_anatomy); visual areas with retinotopic pRFs and functional types shared by all subjects
-(sim_brain) pooling luminance, colour, Gabor energy, edges and the coverage of known content
-(sim_features) of composed photographs and shapes (sim_stimuli); NSD's experiment design (sim_design);
+Model, in short (details in the modules of this package): voxels of a warped MNI152 posterior grey-matter region
+(anatomy); visual areas with retinotopic pRFs and functional types shared by all subjects
+(brain) pooling luminance, colour, Gabor energy, edges and the coverage of known content
+(features) of composed photographs and shapes (stimuli); NSD's experiment design (design);
 trial beta = session_gain x (response + noise) + session_offset, noise sd = amplitude / ncsnr.
 
 examples:
@@ -32,19 +32,19 @@ import numpy as np
 from tqdm import tqdm
 
 from brainit_pl.data.layout import NSD_BETA_SCALE, NSDLayout
-from brainit_pl.data.sim_anatomy import build_anatomy
-from brainit_pl.data.sim_brain import N_FIELDS, build_brain, type_weights
-from brainit_pl.data.sim_design import (
+from brainit_pl.data.sim.anatomy import build_anatomy
+from brainit_pl.data.sim.brain import N_FIELDS, build_brain, type_weights
+from brainit_pl.data.sim.design import (
     build_design,
     trial_table,
     write_expdesign,
     write_responses,
     write_stim_info,
 )
-from brainit_pl.data.sim_features import feature_maps
-from brainit_pl.data.sim_presets import PRESETS, SimPreset, get_preset
-from brainit_pl.data.sim_stimuli import generate_stimuli
-from brainit_pl.data.sim_truth import SubjectTruth, write_truth
+from brainit_pl.data.sim.features import feature_maps
+from brainit_pl.data.sim.presets import PRESETS, SimPreset, get_preset
+from brainit_pl.data.sim.stimuli import generate_stimuli
+from brainit_pl.data.sim.truth import SubjectTruth, write_truth
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path
 
@@ -143,7 +143,7 @@ def simulate(
 
     Args:
         out: the NSD root to create.
-        preset: ``tiny``, ``demo`` or ``full`` (see :mod:`~brainit_pl.data.sim_presets`).
+        preset: ``tiny``, ``demo`` or ``full`` (see :mod:`~brainit_pl.data.sim.presets`).
         seed: random seed (non-negative).
         subjects, sessions, image_size: overrides of the preset (see ``SimPreset.with_overrides``).
         overwrite: replace an existing non-empty ``out``.

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from brainit_pl.backbones.frozen import seeded
 from brainit_pl.backbones.weights import load_checked, resolve_weights
 from brainit_pl.errors import require
-from brainit_pl.recon.sgm_keys import read_sgm_checkpoint, sgm_to_diffusers
+from brainit_pl.models.sgm_keys import read_sgm_checkpoint, sgm_to_diffusers
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel

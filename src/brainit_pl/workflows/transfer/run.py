@@ -43,7 +43,7 @@ import torch
 
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_path, atomic_write_text
-from brainit_pl.transfer_plan import (
+from brainit_pl.workflows.transfer.plan import (
     Plan,
     Steps,
     file_identity,
@@ -155,7 +155,7 @@ def _v2c_step(plan: Plan, folder: Path) -> dict:
 
 
 def _synthetic_step(plan: Plan, folder: Path) -> dict:
-    from brainit_pl.features.cache import FeatureCache, cache_path
+    from brainit_pl.data.cache import FeatureCache, cache_path
     from brainit_pl.features.extract import extract_features
     from brainit_pl.features.synthesize import synthesize_fmri
 
@@ -172,7 +172,7 @@ def _synthetic_step(plan: Plan, folder: Path) -> dict:
             folder, tiny=ours.arch == "tiny", pretrained=a.clip_pretrained, weights_dir=a.weights_dir,
             device=a.device,
         )  # fmt: skip
-        from brainit_pl.features.synthetic_store import SyntheticFMRI
+        from brainit_pl.data.synthetic_store import SyntheticFMRI
 
         theirs = FeatureCache(cache_path(folder, "clip"), SyntheticFMRI(folder).image_store)
         require(
@@ -230,7 +230,7 @@ def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
         torch.save(bit.checkpoint_dict(), tmp)
     result["semantic"] = str(folder / "semantic.ckpt")
     if a.stage2 is not None:  # the base stage 2 fine-tuned the UNet: reconstruction samples with it
-        from brainit_pl.recon.sgm_keys import save_sgm_checkpoint
+        from brainit_pl.models.sgm_keys import save_sgm_checkpoint
 
         with atomic_path(folder / "unclip.ckpt") as tmp:
             save_sgm_checkpoint(tmp, module.unet.cpu(), module.vae.cpu())

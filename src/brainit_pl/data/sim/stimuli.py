@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from brainit_pl.data.sim_canvas import Layer, category_maps, render
-from brainit_pl.data.sim_sources import (
+from brainit_pl.data.sim.canvas import Layer, category_maps, render
+from brainit_pl.data.sim.sources import (
     CATEGORIES,
     OBJECT_CATEGORIES,
     load_photos,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainit_pl.data.sim_presets import N_REPEATS, SimPreset
+from brainit_pl.data.sim.presets import N_REPEATS, SimPreset
 
 
 @dataclass

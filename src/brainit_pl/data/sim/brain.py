@@ -1,7 +1,7 @@
 """The simulated brain's function: visual areas, pRFs, functional types, SNR and noise-free responses.
 
 **Areas** (same for every subject, placed on template coordinates plus the subject's functional jitter,
-see :mod:`~brainit_pl.data.sim_anatomy`). With d = y + 108 mm (distance from the occipital pole) and
+see :mod:`~brainit_pl.data.sim.anatomy`). With d = y + 108 mm (distance from the occipital pole) and
 the calcarine line at z_c = 2 + 0.25 d, early areas are bands around the calcarine, measured by
 ``dist = sqrt((z - z_c)^2 + (0.6 max(|x| - 10, 0))^2)``: V1 (dist < 8), V2 (8-16), V3 (16-24), for
 d < 40. Every other ROI voxel belongs to the nearest of the seeds hV4, LO, V3AB, FFA, PPA, EBA and VWFA
@@ -16,7 +16,7 @@ along the hierarchy. ``prf_xy`` is in units of the image half-width, origin at t
 x rightwards, y upwards; ``prf_size`` is the Gaussian sigma in the same units.
 
 **Functional types** (:data:`TYPES`, shared by all subjects): each is a weight vector over the feature
-maps of :mod:`~brainit_pl.data.sim_features`. Each area draws its voxels' types from its own mix
+maps of :mod:`~brainit_pl.data.sim.features`. Each area draws its voxels' types from its own mix
 (:data:`AREA_TYPES`); within an area the types form patches (argmax of smooth random fields), so
 anatomical neighbours differ in function and functional clustering can beat anatomical clustering.
 
@@ -37,8 +37,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from brainit_pl.data.sim_anatomy import SubjectAnatomy
-from brainit_pl.data.sim_features import FEATURES, ORIENTATIONS, SCALES
+from brainit_pl.data.sim.anatomy import SubjectAnatomy
+from brainit_pl.data.sim.features import FEATURES, ORIENTATIONS, SCALES
 
 AREAS: tuple[str, ...] = ("V1", "V2", "V3", "hV4", "LO", "V3AB", "FFA", "PPA", "EBA", "VWFA")
 _SEEDS = {  # (|x|, y, z) in MNI mm

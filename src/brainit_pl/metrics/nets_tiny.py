@@ -1,6 +1,6 @@
 """The tiny twins of the metric networks: the real networks' output structure, a few channels, no file.
 
-Each twin keeps what :mod:`brainit_pl.backbones.metric_nets` relies on — the node names its feature is
+Each twin keeps what :mod:`brainit_pl.metrics.nets` relies on — the node names its feature is
 read from (AlexNet's ``features.4``/``features.11``, ``avgpool``) and, for EfficientNet and CLIP, the real
 classes in a tiny configuration — so twins and real networks share the feature extraction and the
 weight-loading code. They are random (the caller seeds them) and build and run instantly on CPU.

@@ -36,12 +36,12 @@ from pathlib import Path
 import numpy as np
 
 from brainit_pl import __version__
-from brainit_pl.data.sim_anatomy import SubjectAnatomy
-from brainit_pl.data.sim_brain import AREA_TYPES, AREAS, TYPE_FEATURES, TYPES, SubjectBrain
-from brainit_pl.data.sim_features import FEATURES, feature_maps
-from brainit_pl.data.sim_presets import SimPreset
-from brainit_pl.data.sim_sources import CATEGORIES
-from brainit_pl.data.sim_stimuli import EXTERNAL_STREAM, generate_stimuli
+from brainit_pl.data.sim.anatomy import SubjectAnatomy
+from brainit_pl.data.sim.brain import AREA_TYPES, AREAS, TYPE_FEATURES, TYPES, SubjectBrain
+from brainit_pl.data.sim.features import FEATURES, feature_maps
+from brainit_pl.data.sim.presets import SimPreset
+from brainit_pl.data.sim.sources import CATEGORIES
+from brainit_pl.data.sim.stimuli import EXTERNAL_STREAM, generate_stimuli
 from brainit_pl.errors import require
 
 TRUTH_FORMAT, TRUTH_VERSION = "brainit-pl-simulation", 1
@@ -172,7 +172,7 @@ def true_responses(
     """Noise-free responses of one simulated subject to generated images (e.g. the external ones).
 
     The images are regenerated from the simulation's seed (image ``i`` of ``stream``: for
-    ``EXTERNAL_STREAM`` the images :func:`~brainit_pl.data.sim_stimuli.make_external_images` returns
+    ``EXTERNAL_STREAM`` the images :func:`~brainit_pl.data.sim.stimuli.make_external_images` returns
     with that seed; for ``TREE_STREAM`` the tree's 73k ids) and passed through the subject's model.
 
     Args:

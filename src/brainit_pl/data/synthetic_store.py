@@ -13,7 +13,7 @@ Layout (format v1) of the folder ``OUT`` (default ``STORE/synthetic``)::
         done               (N,) bool, row r is written (flushed per batch; all true when finished)
         attrs: format, format_version, subject, n_voxels, checkpoint (its path as given), checkpoint_sha1
                (sha1 of the checkpoint file's bytes: the weights, not where they lie), image_fingerprint
-               (:func:`~brainit_pl.features.cache.image_fingerprint` of images.h5), brainit_pl_version
+               (:func:`~brainit_pl.data.cache.image_fingerprint` of images.h5), brainit_pl_version
 
 While written, a subject's file is ``fmri_subjNN.h5.partial``; it is renamed when every row is done.
 """
@@ -30,9 +30,9 @@ import h5py
 import numpy as np
 
 from brainit_pl import __version__
+from brainit_pl.data.cache import image_fingerprint
 from brainit_pl.data.store import IMAGE_SIZES, ImageStore, LazyH5, read_rows, resize_for_store
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.features.cache import image_fingerprint
 from brainit_pl.files import atomic_path
 
 FORMAT_NAME = "brainit-pl-synthetic-fmri"
@@ -185,12 +185,12 @@ ImageSource = Any  # callable: sorted external ids (n,) -> {size: (n, 3, size, s
 def simulated_source(seed: int, size: int) -> ImageSource:
     """External images of the simulator (``EXTERNAL_STREAM``: never the NSD tree's), resized like the tree's.
 
-    Image ``i`` is image ``i`` of :func:`~brainit_pl.data.sim_stimuli.make_external_images` with this
+    Image ``i`` is image ``i`` of :func:`~brainit_pl.data.sim.stimuli.make_external_images` with this
     seed and side ``size``, resized to the store's sizes with PIL bicubic from uint8 exactly as
     ``prepare`` resizes the tree's stimuli, so a copy of a tree image would hash alike.
     """
 
-    from brainit_pl.data.sim_stimuli import EXTERNAL_STREAM, generate_stimuli
+    from brainit_pl.data.sim.stimuli import EXTERNAL_STREAM, generate_stimuli
 
     def images(ids: np.ndarray) -> dict[int, np.ndarray]:
         # generate_stimuli makes any slice of a stream on its own, so blocks need not start at 0

@@ -26,7 +26,7 @@ import functools
 import numpy as np
 from scipy import fft, ndimage
 
-from brainit_pl.data.sim_sources import CATEGORIES
+from brainit_pl.data.sim.sources import CATEGORIES
 
 ORIENTATIONS = (0, 45, 90, 135)
 SCALES = {"lo": 3.0, "mid": 6.0, "hi": 12.0}  # cycles per image
@@ -95,7 +95,7 @@ def raw_feature_maps(small: np.ndarray, category_maps: np.ndarray) -> np.ndarray
 @functools.lru_cache(maxsize=4)
 def feature_scales(feature_size: int) -> np.ndarray:
     """(len(FEATURES),) spread of each map over 64 calibration images (a fixed, seed-free stream)."""
-    from brainit_pl.data.sim_stimuli import CALIBRATION_STREAM, generate_stimuli
+    from brainit_pl.data.sim.stimuli import CALIBRATION_STREAM, generate_stimuli
 
     batch = generate_stimuli(
         np.arange(64),

@@ -19,7 +19,7 @@ swav       SwAV ResNet-50, 800 epochs (facebookresearch)   avgpool      224²   
 
 Real weights come only from local files (``WEIGHT_FILES``, data/README.md), found, read and checked by
 :mod:`brainit_pl.backbones.weights` like every backbone's. A tiny twin (``tiny=True``,
-:mod:`brainit_pl.backbones.metric_tiny`) has the same interface and output structure, is random and seeded,
+:mod:`brainit_pl.metrics.nets_tiny`) has the same interface and output structure, is random and seeded,
 and loads a weight file through the same code as the real network. A :class:`MetricNet` is a
 :class:`~brainit_pl.backbones.frozen.FrozenBackbone` (frozen, never in a checkpoint); it moves itself to
 the device of the images it is given.
@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 
 from brainit_pl.backbones.frozen import IMAGENET_MEAN, IMAGENET_STD, FrozenBackbone, seeded
-from brainit_pl.backbones.metric_tiny import TINY_CLIP_CFG, TinyAlexNet, TinyPooled, tiny_efficientnet
 from brainit_pl.backbones.weights import WEIGHT_FILES, load_checked, read_state_dict, resolve_weights
 from brainit_pl.errors import BrainITError
+from brainit_pl.metrics.nets_tiny import TINY_CLIP_CFG, TinyAlexNet, TinyPooled, tiny_efficientnet
 from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
 
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)

@@ -1,4 +1,4 @@
-"""The plumbing of ``brainit-pl transfer`` (:mod:`brainit_pl.transfer`): its inputs, data and trainings.
+"""The plumbing of ``brainit-pl transfer`` (:mod:`brainit_pl.workflows.transfer.run`): its inputs, data and trainings.
 
 :class:`Plan` checks the base models and the new subject and builds each step's DataModule
 (:class:`TableDataModule`: batches carry global voxel ids of the base models' table grown by the new
