@@ -40,7 +40,8 @@ def synthetic_store(out: Path, sessions: int, seed: int = 0) -> Path:
     """Write a one-subject store of random betas with NSD's design (no images); return ``out``."""
     from tqdm import tqdm
 
-    from brainit_pl.data.store import SubjectStoreWriter, repeat_index, write_manifest
+    from brainit_pl.data.store import repeat_index
+    from brainit_pl.data.store_writer import SubjectStoreWriter, write_manifest
     from brainit_pl.files import atomic_path
 
     rng = np.random.default_rng(seed)

@@ -9,14 +9,8 @@ import pytest
 import torch
 
 from brainit_pl.data.datamodule import NSDDataModule
-from brainit_pl.data.store import (
-    FORMAT_VERSION,
-    SubjectStoreWriter,
-    repeat_index,
-    subject_filename,
-    write_images,
-    write_manifest,
-)
+from brainit_pl.data.store import FORMAT_VERSION, repeat_index, subject_filename
+from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
 from brainit_pl.errors import BrainITError
 
 VOXELS = {1: 7, 2: 9, 3: 11}

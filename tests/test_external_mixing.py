@@ -16,7 +16,8 @@ from brainit_pl.backbones.clip import build_clip
 from brainit_pl.cli import main
 from brainit_pl.data.cache import FeatureCache, cache_path, image_fingerprint
 from brainit_pl.data.datamodule import NSDDataModule
-from brainit_pl.data.store import ImageStore, Store, write_images
+from brainit_pl.data.store import ImageStore, Store
+from brainit_pl.data.store_writer import write_images
 from brainit_pl.data.synthetic_store import IMAGES_FILE, create_fmri_file, fmri_path
 from brainit_pl.errors import BrainITError
 from brainit_pl.features.extract import extract_features

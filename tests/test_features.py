@@ -11,7 +11,8 @@ from brainit_pl.backbones.clip import CLIPTokens, build_clip
 from brainit_pl.cli import main
 from brainit_pl.data.cache import FeatureCache, cache_path, partial_path
 from brainit_pl.data.datamodule import NSDDataModule
-from brainit_pl.data.store import ImageStore, Store, write_images
+from brainit_pl.data.store import ImageStore, Store
+from brainit_pl.data.store_writer import write_images
 from brainit_pl.errors import BrainITError
 from brainit_pl.features.extract import extract_features
 

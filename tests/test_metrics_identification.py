@@ -8,7 +8,6 @@ import scipy.spatial.distance
 import torch
 from torch import nn
 
-from brainit_pl.backbones import build_metric_net
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics import (
     CorrelationDistance,
@@ -16,6 +15,7 @@ from brainit_pl.metrics import (
     TwoWayIdentification,
     two_way_identification,
 )
+from brainit_pl.metrics.nets import build_metric_net
 
 
 def two_way_loop(gt_features: np.ndarray, recon_features: np.ndarray) -> float:

@@ -8,15 +8,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from brainit_pl.backbones import (
-    METRIC_NETS,
-    WEIGHTS_ENV,
-    build_bare_metric_net,
-    build_metric_net,
-    resolve_weights,
-    weights_folder,
-)
+from brainit_pl.backbones import WEIGHTS_ENV, resolve_weights, weights_folder
 from brainit_pl.errors import BrainITError
+from brainit_pl.metrics.nets import METRIC_NETS, build_bare_metric_net, build_metric_net
 
 NAMES = tuple(METRIC_NETS)
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchmetrics import MetricCollection
 
-from brainit_pl.backbones import build_metric_net
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics import METRIC_NAMES, InvalidInputError, Retrieval, build_eval_suite, summarize
+from brainit_pl.metrics.nets import build_metric_net
 
 
 def retrieval_loop(brain: np.ndarray, image: np.ndarray, seed: int = 0) -> tuple[float, float]:

@@ -9,8 +9,8 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from brainit_pl.backbones import build_metric_net
 from brainit_pl.metrics import SSIM, CorrelationDistance, PixCorr, Retrieval, TwoWayIdentification
+from brainit_pl.metrics.nets import build_metric_net
 
 
 def _gathered_leaves(metric: Metric) -> list[torch.Tensor]:

@@ -4,15 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from brainit_pl.data.store import (
-    FORMAT_VERSION,
-    Store,
-    SubjectStoreWriter,
-    repeat_index,
-    subject_filename,
-    write_images,
-    write_manifest,
-)
+from brainit_pl.data.store import FORMAT_VERSION, Store, repeat_index, subject_filename
+from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
 from brainit_pl.errors import BrainITError
 
 

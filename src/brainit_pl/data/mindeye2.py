@@ -37,14 +37,8 @@ import numpy as np
 from tqdm import tqdm
 
 from brainit_pl.data.layout import NSD_TRIALS_PER_SESSION
-from brainit_pl.data.store import (
-    IMAGE_SIZES,
-    SubjectStoreWriter,
-    repeat_index,
-    subject_filename,
-    write_images,
-    write_manifest,
-)
+from brainit_pl.data.store import IMAGE_SIZES, repeat_index, subject_filename
+from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
 from brainit_pl.errors import BrainITError, require
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ import numpy as np
 
 from brainit_pl.data.expdesign import ExpDesign, read_expdesign
 from brainit_pl.data.layout import NSD_BETA_SCALE, NSDLayout
-from brainit_pl.data.store import repeat_index, resize_for_store
+from brainit_pl.data.store import repeat_index
+from brainit_pl.data.store_writer import resize_for_store
 from brainit_pl.errors import BrainITError, require
 
 log = logging.getLogger(__name__)

@@ -32,13 +32,8 @@ from tqdm.auto import tqdm
 
 from brainit_pl import __version__
 from brainit_pl.data.nsd import NSDReader, check_betas, zscore_session
-from brainit_pl.data.store import (
-    IMAGE_SIZES,
-    SubjectStoreWriter,
-    subject_filename,
-    write_images,
-    write_manifest,
-)
+from brainit_pl.data.store import IMAGE_SIZES, subject_filename
+from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_path
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from brainit_pl import __version__
 from brainit_pl.data.cache import image_fingerprint
-from brainit_pl.data.store import IMAGE_SIZES, ImageStore, LazyH5, read_rows, resize_for_store
+from brainit_pl.data.store import IMAGE_SIZES, ImageStore, LazyH5, read_rows
+from brainit_pl.data.store_writer import resize_for_store
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path
 

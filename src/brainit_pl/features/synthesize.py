@@ -39,7 +39,8 @@ import torch
 from tqdm.auto import tqdm
 
 from brainit_pl.data.cache import image_fingerprint, partial_path
-from brainit_pl.data.store import ImageStore, Store, write_images
+from brainit_pl.data.store import ImageStore, Store
+from brainit_pl.data.store_writer import write_images
 from brainit_pl.data.synthetic_store import (
     IMAGES_FILE,
     SharedImages,
