@@ -44,14 +44,9 @@ from typing import Any
 
 from brainit_pl.errors import BrainITError
 from brainit_pl.files import atomic_write_text
-from brainit_pl.workflows.transfer.demo import (
-    BRANCHES,
-    TransferDemo,
-    add_arguments,
-    check_subject,
-    test_on_subject,
-)
+from brainit_pl.workflows.transfer.demo import TransferDemo, add_arguments
 from brainit_pl.workflows.transfer.report import subject_noise_ceiling
+from brainit_pl.workflows.transfer.subject import BRANCHES, check_subject, test_on_subject
 
 METHODS = {
     "transfer": "BIT transfer",
@@ -167,7 +162,8 @@ def ablations(demo: TransferDemo, base: dict[str, Any], folder: Path, transfer: 
 
 def score_encoder(ckpt: Path, store: Path, subject: int) -> dict[str, float]:
     """The transferred encoder on S's shared images: median and p75 voxel r, median r² / noise ceiling."""
-    from brainit_pl.lit.encoder import EncoderModule, read_checkpoint
+    from brainit_pl.lit.checkpoints import read_checkpoint
+    from brainit_pl.lit.encoder import EncoderModule
 
     saved = read_checkpoint(ckpt, "EncoderModule").get("datamodule_hyper_parameters", {})
     module = EncoderModule.load_from_checkpoint(ckpt, map_location="cpu")

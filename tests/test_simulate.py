@@ -14,8 +14,8 @@ import pytest
 import scipy.io as sio
 
 from brainit_pl.cli import main
-from brainit_pl.data import simulate as sim_module
 from brainit_pl.data.layout import NSD_BETA_SCALE, NSDLayout
+from brainit_pl.data.sim import simulate as sim_module
 from brainit_pl.data.sim.design import build_design
 from brainit_pl.data.sim.presets import PRESETS, get_preset
 from brainit_pl.data.sim.simulate import simulate

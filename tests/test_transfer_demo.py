@@ -12,12 +12,7 @@ import pytest
 from brainit_pl.cli import main
 from brainit_pl.errors import BrainITError
 from brainit_pl.workflows.demo import best_checkpoint
-from brainit_pl.workflows.transfer.demo import (
-    TransferDemo,
-    add_arguments,
-    check_subject,
-    demo_checkpoints,
-)
+from brainit_pl.workflows.transfer.demo import TransferDemo, add_arguments
 from brainit_pl.workflows.transfer.report import (
     VARIANTS,
     build_summary,
@@ -28,6 +23,7 @@ from brainit_pl.workflows.transfer.report import (
     subject_noise_ceiling,
     variant_record,
 )
+from brainit_pl.workflows.transfer.subject import check_subject, demo_checkpoints
 
 
 def _metrics(pixcorr: float, two_way: float) -> dict:

@@ -25,11 +25,8 @@ rank), like the DataModule's voxel draws, so a run resumed from a checkpoint con
 
 from __future__ import annotations
 
-import hashlib
-import inspect
 import logging
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -38,11 +35,12 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.lit.checkpoints import architecture_differences, checkpoint_dict, file_digest
 from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.lit.schedule import CubicWarmupPlateau
 from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.bit import BIT, BITConfig
-from brainit_pl.models.encoder import VoxelRows, check_trainable, extended_table, grow_voxel_table
+from brainit_pl.models.encoder import VoxelRows, check_trainable
 from brainit_pl.models.losses import infonce_per_scale, semantic_mse
 
 log = logging.getLogger(__name__)
@@ -61,11 +59,6 @@ ARCHITECTURE_HPARAMS = (
     "target_shape",
     "mindeye2",
 )
-
-
-def file_digest(path: str | Path) -> str:
-    """sha1 of a file's bytes (the clusters a BIT was trained with are recorded by content, not path)."""
-    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 class BITModule(L.LightningModule):
@@ -409,50 +402,17 @@ class BITModule(L.LightningModule):
         Raises:
             BrainITError: an unreadable checkpoint, a MindEye2-style decoder, a subject already in its table.
         """
-        from brainit_pl.lit.encoder import read_checkpoint
+        from brainit_pl.lit.new_subjects import bit_for_new_subjects
 
-        ckpt = read_checkpoint(checkpoint, "BITModule")
-        hparams = ckpt["hyper_parameters"]
-        require(
-            hparams.get("decoder", "bit") == "bit",
-            f"{checkpoint} is a {hparams.get('decoder')} decoder; transfer adds voxel embeddings to a BIT",
-        )
-        base = {int(s): int(v) for s, v in hparams["n_voxels"].items()}
-        table = extended_table(base, new_voxels, checkpoint)
-        names = inspect.signature(cls.__init__).parameters
-        kwargs = {k: v for k, v in hparams.items() if k in names}
-        kwargs.update(
-            n_voxels=table,
-            clusters=str(clusters),
-            trainable="voxel_embed",
-            voxel_subjects=sorted(new_voxels),
-            **overrides,
-        )
-        module = cls(**kwargs)
-        state = dict(ckpt["state_dict"])
-        state["net.voxel_embed"] = grow_voxel_table(
-            state["net.voxel_embed"], base, table, module.net.voxel_embed
-        )
-        module.load_state_dict(state, strict=True)
-        if neighbours is not None:
-            module.net.init_voxels_from(*neighbours)
-        return module
+        return bit_for_new_subjects(cls, checkpoint, new_voxels, clusters, neighbours, **overrides)
 
     def checkpoint_dict(self) -> dict[str, Any]:
-        """This module as a Lightning checkpoint without a Trainer (weights and hyperparameters only).
+        """This module as a Lightning checkpoint without a Trainer (:func:`~brainit_pl.lit.checkpoints.checkpoint_dict`).
 
         ``torch.save`` it and :meth:`load_from_checkpoint` reads it like a ``fit`` checkpoint, e.g. a BIT
         whose weights were changed outside its own training (stage 2's adapted BIT, for reconstruction).
         """
-        import lightning
-
-        checkpoint = {
-            "state_dict": self.state_dict(),
-            "hyper_parameters": dict(self.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        }
-        self.on_save_checkpoint(checkpoint)
-        return checkpoint
+        return checkpoint_dict(self)
 
     # ---------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -460,24 +420,11 @@ class BITModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse, with the differences named, a checkpoint of another architecture or other clusters."""
-        saved = checkpoint.get("hyper_parameters", {})
-        ours = dict(self.hparams)
-        diffs = [
-            f"{name}: checkpoint {_plain(saved.get(name))} vs config {_plain(ours.get(name))}"
-            for name in ARCHITECTURE_HPARAMS
-            if _plain(saved.get(name)) != _plain(ours.get(name))
-        ]
+        diffs = architecture_differences(
+            checkpoint.get("hyper_parameters", {}), self.hparams, ARCHITECTURE_HPARAMS
+        )
         theirs = checkpoint.get("brainit_bit", {}).get("clusters_sha1")
         if theirs != self.clusters_sha1:
             diffs.append(f"clusters file sha1: checkpoint {theirs} vs config {self.clusters_sha1}")
         if diffs:
             raise BrainITError("the checkpoint was trained with another configuration: " + "; ".join(diffs))
-
-
-def _plain(value: Any) -> Any:
-    """Hparams as plain comparable values (tuples and lists alike, dict keys as ints where they are)."""
-    if isinstance(value, dict):
-        return {int(k) if str(k).isdigit() else k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

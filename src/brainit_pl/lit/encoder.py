@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from brainit_pl.errors import BrainITError, require
+from brainit_pl.lit.checkpoints import read_checkpoint
 from brainit_pl.models.encoder import (
     UniversalEncoder,
     VoxelRows,
@@ -326,18 +326,3 @@ class EncoderModule(L.LightningModule):
             state[key] = grow_voxel_table(state[key], base, table, fill)
         module.load_state_dict(state, strict=True)
         return module
-
-
-def read_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict (CPU), with ``state_dict`` and ``hyper_parameters['n_voxels']``."""
-    require(os.path.isfile(path), f"checkpoint {path} not found")
-    try:
-        # mmap: tensors are read when used, so reading a large checkpoint's hyperparameters costs little
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises many types for a foreign file
-        raise BrainITError(f"{path} is not a readable {what} checkpoint ({type(err).__name__})") from err
-    require(
-        isinstance(ckpt, dict) and "state_dict" in ckpt and "n_voxels" in ckpt.get("hyper_parameters", {}),
-        f"{path} is not a {what} checkpoint (no state_dict and hyper_parameters['n_voxels'])",
-    )
-    return ckpt

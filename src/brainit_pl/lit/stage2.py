@@ -323,7 +323,7 @@ class Stage2Module(L.LightningModule):
         Raises:
             BrainITError: not a stage-2 checkpoint, or a voxel table that is not part of this one.
         """
-        from brainit_pl.lit.encoder import read_checkpoint
+        from brainit_pl.lit.checkpoints import read_checkpoint
 
         ckpt = read_checkpoint(checkpoint, "Stage2Module")
         base = {int(s): int(v) for s, v in ckpt["hyper_parameters"]["n_voxels"].items()}

@@ -85,7 +85,7 @@ class Plan:
 
     def __init__(self, args: argparse.Namespace) -> None:
         from brainit_pl.data.store import Store
-        from brainit_pl.lit.bit import file_digest
+        from brainit_pl.lit.checkpoints import file_digest
         from brainit_pl.models.v2c import load_clusters
 
         self.args, self.out, s = args, Path(args.out), args.subject
@@ -172,7 +172,7 @@ def read_metadata(path: Path, what: str) -> dict[str, Any]:
 
     The weights are read again by the step that uses them: a stage-2 checkpoint is ~10 GB.
     """
-    from brainit_pl.lit.encoder import read_checkpoint
+    from brainit_pl.lit.checkpoints import read_checkpoint
 
     ckpt = read_checkpoint(path, what)
     return {

@@ -117,7 +117,7 @@ def _encoder_step(plan: Plan, folder: Path) -> dict:
 
 def _v2c_step(plan: Plan, folder: Path) -> dict:
     """Nearest reference voxel of each of S's voxels: its cluster, and the BITs' init source."""
-    from brainit_pl.lit.encoder import read_checkpoint
+    from brainit_pl.lit.checkpoints import read_checkpoint
     from brainit_pl.models.encoder import move_voxel_ids, voxel_offsets
     from brainit_pl.models.v2c import ClusterMap, l2_normalise, nearest_reference, save_clusters
 
