@@ -30,12 +30,12 @@ test-slow: $(STAMP)  ## the heavier tests too
 	OMP_NUM_THREADS=1 $(BIN)/pytest -q -m "slow and not gpu"
 
 lint: $(STAMP)  ## ruff lint + format check
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff format --check src tests benchmarks docs
 
 format: $(STAMP)  ## apply ruff fixes and formatting
-	$(BIN)/ruff check --fix src tests benchmarks
-	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks docs
+	$(BIN)/ruff format src tests benchmarks docs
 
 check: lint test  ## lint + tests
 

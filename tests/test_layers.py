@@ -101,3 +101,15 @@ def test_lit_loading_is_the_only_door_from_recon_to_lit():
         if target.startswith("lit")
     }
     assert imports == {"lit.loading"}
+
+
+def test_the_architecture_figure_draws_every_layer(tmp_path):
+    import importlib.util
+
+    path = SRC.parents[1] / "docs" / "architecture.py"
+    spec = importlib.util.spec_from_file_location("architecture", path)
+    architecture = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(architecture)
+    drawn = architecture.draw(tmp_path / "a.png")
+    assert drawn == [u for u in LAYERS if u != "layers"]
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
