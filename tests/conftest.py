@@ -2,6 +2,8 @@
 
 import os
 import re
+from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -83,3 +85,43 @@ def picture():
         return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True).clamp(0, 1)
 
     return load
+
+
+@pytest.fixture(scope="session")
+def checkpoints(bit_store, tmp_path_factory):
+    """Low-level, stage-1 semantic and stage-2 checkpoints (1 short epoch each) on the tiny store."""
+    from brainit_pl.cli import main
+    from test_bit_lit import LOWLEVEL, _args
+
+    root = tmp_path_factory.mktemp("recon_ckpts")
+    short = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
+    assert main(_args(bit_store, root / "sem", *short)) == 0
+    assert main(_args(bit_store, root / "low", *short, *LOWLEVEL)) == 0
+    sem = next((root / "sem").rglob("last.ckpt"))
+    stage2 = [
+        "fit",
+        *(
+            "--config",
+            str(Path(__file__).parents[1] / "configs" / "sim" / "stage2_tiny.yaml"),
+            "--data.store",
+            str(bit_store),
+        ),
+        *("--model.init_args.bit_checkpoint", str(sem), "--trainer.default_root_dir", str(root / "s2")),
+        *(
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        ),
+        *("--data.batch_size", "4"),
+    ]
+    assert main(stage2) == 0
+    return Checkpoints(next((root / "low").rglob("last.ckpt")), sem, next((root / "s2").rglob("last.ckpt")))
+
+
+class Checkpoints(NamedTuple):
+    lowlevel: Path
+    semantic: Path  # stage 1
+    stage2: Path

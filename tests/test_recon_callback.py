@@ -5,7 +5,6 @@ from pathlib import Path
 
 from brainit_pl.cli import main
 from test_bit_lit import LOWLEVEL, _args, _scalars
-from test_reconstruct import checkpoints  # noqa: F401 - the module fixture of trained checkpoints
 
 
 def _callbacks(path: Path, semantic: Path) -> str:
@@ -29,8 +28,9 @@ def _callbacks(path: Path, semantic: Path) -> str:
     return str(path)
 
 
-def test_previews_and_test_reconstructions(bit_store, checkpoints, tmp_path):  # noqa: F811
-    _, semantic = checkpoints
+def test_previews_and_test_reconstructions(bit_store, checkpoints, tmp_path):
+    """A low-level BIT run with a stage-1 semantic BIT as ``other``: the ablation stage ``semantic_stock``."""
+    semantic = checkpoints.semantic
     extra = (
         "--config",
         _callbacks(tmp_path / "cb.yaml", semantic),
@@ -41,7 +41,7 @@ def test_previews_and_test_reconstructions(bit_store, checkpoints, tmp_path):  #
     short = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
     assert main(_args(bit_store, tmp_path / "fit", *extra, *short)) == 0
     logged = _scalars(tmp_path / "fit")
-    for stage in ("lowlevel", "semantic"):
+    for stage in ("lowlevel", "semantic_stock"):
         assert (
             -1 <= logged[f"val/recon_{stage}_pixcorr"][0] <= 1 and len(logged[f"val/recon_{stage}_ssim"]) == 1
         )
@@ -50,7 +50,7 @@ def test_previews_and_test_reconstructions(bit_store, checkpoints, tmp_path):  #
     test = ("--ckpt_path", str(ckpt), "--data.test_average_repeats", "true")
     assert main(_args(bit_store, tmp_path / "test", *extra, *test, command="test")) == 0
     (out,) = (tmp_path / "test").rglob("reconstruct")
-    for stage in ("lowlevel", "semantic"):
+    for stage in ("lowlevel", "semantic_stock"):
         assert len(list((out / "subj01" / stage).glob("*.png"))) == 10  # the tiny preset's shared images
         results = json.loads((out / f"metrics_{stage}" / "metrics.json").read_text())
         assert set(results["per_subject"]) == {"subj01", "subj02"}

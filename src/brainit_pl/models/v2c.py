@@ -330,3 +330,35 @@ def load_clusters(path: str | os.PathLike, n_voxels: Mapping[int, int] | None = 
         return out
     labels = np.concatenate([out.subject_labels(s) for s in wanted])
     return ClusterMap(labels, wanted, out.n_clusters, out.kind, out.seed)
+
+
+def shared_voxel_table(models: Mapping[str, object]) -> dict[int, int]:
+    """The voxel table (subject → count) shared by trained ``models`` (name → module with ``n_voxels``);
+    where two of them hold a BIT (``.net.cluster_of_voxel``), their V2C clusters must agree too.
+
+    Raises:
+        BrainITError: two models of other voxel tables or other clusters (named, in one line).
+    """
+    import json
+
+    import torch
+
+    tables = {name: m.n_voxels for name, m in models.items()}
+    require(
+        len({json.dumps(sorted(t.items())) for t in tables.values()}) == 1,
+        f"the models were trained on different voxel tables: {tables}",
+    )
+    labels = {
+        name: net.cluster_of_voxel.cpu()
+        for name, m in models.items()
+        if (net := getattr(m, "net", None)) is not None and hasattr(net, "cluster_of_voxel")
+    }
+    if len(labels) > 1:
+        (first, ref), *rest = labels.items()
+        for name, other in rest:
+            require(
+                torch.equal(ref, other),
+                f"the {name} model's V2C clusters differ from the {first} model's "
+                f"({int((ref != other).sum())} of {len(ref)} voxels): both BITs must use the same clusters.npz",
+            )
+    return next(iter(tables.values()))

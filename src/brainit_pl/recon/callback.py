@@ -1,8 +1,15 @@
-"""Reconstructions while a BIT trains and when it is tested (BRAINIT.md §6), in TensorBoard and on disk.
+"""Reconstructions while a model trains and when it is tested (paper §6), in TensorBoard and on disk.
 
-Attach to a ``BITModule`` run (``trainer.callbacks`` in the config). The module being trained is one end of
-the chain (low-level → DIP, or semantic → unCLIP); ``other`` may name the other branch's checkpoint to run
-the whole chain (low-level → semantic → refined, as configured):
+Attach to a run (``trainer.callbacks`` in the config). What the chain is made of depends on the module:
+
+* :class:`~brainit_pl.lit.brainit.BrainITModule` (``brainit-pl test --config configs/test_*.yaml``): its
+  trained models, the method's whole chain (low-level → DIP → stage 2 → refined);
+* a ``Stage2Module`` being trained: stage ``semantic`` (the method), after the DIP of the low-level BIT
+  checkpoint ``other`` if given;
+* a ``BITModule`` being trained: its own branch; a low-level BIT pairs with ``stage2`` (a stage-2
+  checkpoint: stage ``semantic``) or ``other`` (a stage-1 semantic BIT: the ablation stage
+  ``semantic_stock``); a semantic BIT can only preview with the stock UNet (``semantic_stock``).
+
 
 * validation, every ``every_n_epochs`` epochs: a fixed subset (the first ``n_images`` validation images)
   is reconstructed with ``dip_steps`` DIP steps; ``val/recon_<stage>_pixcorr`` / ``_ssim`` are logged and a
@@ -11,7 +18,9 @@ the whole chain (low-level → semantic → refined, as configured):
   arrays per subject and stage, in ``<log dir>/reconstruct``), scored per stage with the metric suite
   (``metrics_<stage>/``) and logged to TensorBoard (``test_<stage>/...``).
 
-Rank 0 does the validation reconstructions (the others skip them); test reconstruction runs on one device.
+Rank 0 does the validation reconstructions (the others skip them). At test every rank reconstructs its own
+shard of the test images (the DataModule shards them), all write into one folder, and rank 0 scores the
+whole folder once every rank is done.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from brainit_pl.errors import require
-from brainit_pl.lit.loading import load_bit
+from brainit_pl.lit.loading import load_bit, load_stage2
 from brainit_pl.recon.chain import Reconstructor
 
 log = logging.getLogger(__name__)
@@ -38,8 +47,11 @@ class ReconstructionCallback(Callback):
     Args:
         every_n_epochs: validation reconstructions every N epochs (0: never).
         n_images: validation images reconstructed (the first ones of the validation split).
-        other: the other branch's ``BITModule`` checkpoint (``None``: only this module's stage).
-        unclip, tiny_unclip: the unCLIP model of the semantic stage (see :class:`~brainit_pl.recon.chain.Reconstructor`).
+        other: for a BIT run, the other branch's ``BITModule`` checkpoint; for a stage-2 run, the low-level
+            BIT's (``None``: only the trained module's stage).
+        stage2: for a low-level BIT run, a stage-2 checkpoint (stage ``semantic``; instead of ``other``).
+        unclip, tiny_unclip: the stock unCLIP UNet of ``semantic_stock`` (see
+            :class:`~brainit_pl.recon.chain.Reconstructor`).
         refine, tiny_refine: the optional SDXL refinement.
         dip_steps: DIP steps per image at validation (a preview: fewer than the 1,800 of the method).
         test_dip_steps: DIP steps per image at test.
@@ -56,6 +68,7 @@ class ReconstructionCallback(Callback):
         every_n_epochs: int = 5,
         n_images: int = 8,
         other: str | None = None,
+        stage2: str | None = None,
         unclip: str | None = None,
         tiny_unclip: bool = False,
         refine: str | None = None,
@@ -71,7 +84,8 @@ class ReconstructionCallback(Callback):
     ) -> None:
         require(every_n_epochs >= 0 and n_images >= 1, "every_n_epochs must be >= 0 and n_images >= 1")
         require(nets in ("real", "tiny", "none"), f"nets must be real, tiny or none, got {nets!r}")
-        self.every_n_epochs, self.n_images, self.other = every_n_epochs, n_images, other
+        require(other is None or stage2 is None, "give the callback `other` or `stage2`, not both")
+        self.every_n_epochs, self.n_images, self.other, self.stage2 = every_n_epochs, n_images, other, stage2
         self.chain_options = {
             "unclip": unclip,
             "tiny_unclip": tiny_unclip,
@@ -90,15 +104,33 @@ class ReconstructionCallback(Callback):
     # -------------------------------------------------------------------------------------- the chain
     def _reconstructor(self, module: L.LightningModule) -> Reconstructor:
         if self._chain is None:
-            branch = getattr(getattr(module, "hparams", {}), "branch", None) or module.hparams.get("branch")
-            require(branch in ("lowlevel", "semantic"), "ReconstructionCallback needs a BITModule to train")
-            other_branch = "semantic" if branch == "lowlevel" else "lowlevel"
-            other = load_bit(Path(self.other), other_branch, module.device) if self.other else None
-            pair = {branch: module, other_branch: other}
-            self._chain = Reconstructor(
-                pair["lowlevel"], pair["semantic"], device=module.device, **self.chain_options
-            )
+            self._chain = Reconstructor(**self._models(module), device=module.device, **self.chain_options)
         return self._chain
+
+    def _models(self, module: L.LightningModule) -> dict[str, Any]:
+        """The chain's models (Reconstructor keywords) around the module being trained or tested."""
+        dev = module.device
+        if hasattr(module, "chain_models"):  # BrainITModule: everything is loaded already
+            return module.chain_models()
+        if hasattr(module, "unet"):  # Stage2Module
+            low = load_bit(Path(self.other), "lowlevel", dev) if self.other else None
+            return {"lowlevel": low, "stage2": module}
+        branch = getattr(getattr(module, "hparams", None), "branch", None)
+        require(
+            branch in ("lowlevel", "semantic"),
+            "ReconstructionCallback needs a BITModule, a Stage2Module or a BrainITModule",
+        )
+        if branch == "semantic":
+            require(self.stage2 is None, "a semantic BIT run previews with the stock UNet: drop `stage2`")
+            low = load_bit(Path(self.other), "lowlevel", dev) if self.other else None
+            log.info("previews of a stage-1 semantic BIT use the stock unCLIP UNet: stage semantic_stock")
+            return {"lowlevel": low, "semantic_stock": module}
+        models: dict[str, Any] = {"lowlevel": module}
+        if self.stage2:
+            models["stage2"] = load_stage2(Path(self.stage2), dev)
+        elif self.other:
+            models["semantic_stock"] = load_bit(Path(self.other), "semantic", dev)
+        return models
 
     # ------------------------------------------------------------------------------------- validation
     def _due(self, trainer: L.Trainer) -> bool:
@@ -157,11 +189,26 @@ class ReconstructionCallback(Callback):
 
     # ------------------------------------------------------------------------------------------- test
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        require(trainer.world_size == 1, "test reconstruction runs on one device; pass --trainer.devices 1")
-        self._out = Path(
-            self.out_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "reconstruct")
-        )
+        # one folder for all ranks: rank 0's log dir, broadcast (the others may not know it)
+        from brainit_pl.recon.reconstruct import claim_folder
+
+        folder = self.out_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "reconstruct")
+        self._out = Path(trainer.strategy.broadcast(folder, src=0))
         self._subjects: set[int] = set()
+        chain = self._reconstructor(pl_module)
+        self._settings = {
+            "module": type(pl_module).__name__,
+            "hparams": {k: str(v) for k, v in sorted(dict(pl_module.hparams).items())},
+            "other": self.other,
+            "stage2": self.stage2,
+            "dip_steps": self.test_dip_steps,
+            "dip_channels": self.chain_options["dip_channels"],
+            "seed": self.chain_options["seed"],
+            "stages": chain.stages,
+        }
+        if trainer.is_global_zero:  # resume an interrupted run, refuse a finished or different one
+            claim_folder(self._out, self._settings, overwrite=False)
+        trainer.strategy.barrier("reconstruction folder claimed")
 
     def on_test_batch_end(
         self,
@@ -172,23 +219,47 @@ class ReconstructionCallback(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        from brainit_pl.recon.reconstruct import save_batch
+        from brainit_pl.recon.reconstruct import reconstruct_missing
 
         chain = self._reconstructor(pl_module)
         chain.dip_steps = self.test_dip_steps
-        save_batch(self._out, batch, chain(batch))
+        reconstruct_missing(self._out, batch, chain)
         self._subjects.add(int(batch["subject"][0]))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from brainit_pl.metrics.report import log_to_tensorboard
-        from brainit_pl.recon.reconstruct import finish
+        from brainit_pl.recon.reconstruct import finish, mark_finished
 
         chain = self._reconstructor(pl_module)
-        results = finish(self._out, chain.stages, sorted(self._subjects), self.nets, self.weights_dir, None)
+        subjects = _gather(trainer, self._subjects)
+        trainer.strategy.barrier("reconstructions written")  # every rank's PNGs are on disk
+        if not trainer.is_global_zero:
+            return
+        results = finish(self._out, chain.stages, subjects, self.nets, self.weights_dir, None)
+        mark_finished(self._out, self._settings)
         for stage, result in results.items():
             if trainer.logger is not None:
                 log_to_tensorboard(trainer.logger, result, prefix=f"test_{stage}", step=trainer.global_step)
+        writer = getattr(trainer.logger, "experiment", None)
+        grid = self._out / "reconstructions.png"
+        if writer is not None and hasattr(writer, "add_image") and grid.is_file():
+            import numpy as np
+            from PIL import Image
+
+            writer.add_image("test/reconstructions", np.asarray(Image.open(grid).convert("RGB")),
+                             trainer.global_step, dataformats="HWC")  # fmt: skip
         log.info("test reconstructions (%s) in %s", ", ".join(chain.stages), self._out)
+
+
+def _gather(trainer: L.Trainer, subjects: set[int]) -> list[int]:
+    """The subjects every rank reconstructed (ranks hold shards of the test images)."""
+    if trainer.world_size == 1:
+        return sorted(subjects)
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * trainer.world_size
+    dist.all_gather_object(parts, sorted(subjects))
+    return sorted({s for part in parts for s in part})
 
 
 def _to_224(images: torch.Tensor) -> torch.Tensor:

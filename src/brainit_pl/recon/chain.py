@@ -1,12 +1,16 @@
-"""The reconstruction chain of one batch: low-level BIT → DIP, semantic BIT → unCLIP, SDXL refinement.
+"""The reconstruction chain of one batch (paper §6): low-level BIT → DIP, stage 2 → unCLIP, SDXL refinement.
 
-Shared by ``brainit-pl reconstruct`` (:mod:`.reconstruct`, models from checkpoints) and the
-:class:`~brainit_pl.recon.callback.ReconstructionCallback` (the module being trained is one of the BITs).
+The method samples the semantic stage with the **stage-2** model: its adapted BIT predicts the tokens and its
+fine-tuned UNet reads them (stage ``semantic``). Stage-1 semantic BIT + the *stock* unCLIP UNet is the
+paper's "without adapted CLIP" ablation: it runs only when asked for, as its own stage ``semantic_stock``.
+
+Shared by ``brainit-pl reconstruct`` (:mod:`.reconstruct`, models from checkpoints), ``brainit-pl test``
+(:class:`~brainit_pl.lit.brainit.BrainITModule`) and the
+:class:`~brainit_pl.recon.callback.ReconstructionCallback`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,8 +18,9 @@ from torch import Tensor
 
 from brainit_pl.devices import inference_autocast
 from brainit_pl.errors import require
+from brainit_pl.models.v2c import shared_voxel_table
 
-STAGES = ("lowlevel", "semantic", "refined")
+STAGES = ("lowlevel", "semantic", "semantic_stock", "refined")
 
 
 class Reconstructor:
@@ -23,10 +28,12 @@ class Reconstructor:
 
     Args:
         lowlevel: a low-level ``BITModule`` (its frozen VGG folds the predicted tokens back into maps), or
-            ``None`` (the semantic stage then starts from noise).
-        semantic: a semantic ``BITModule``, or ``None``.
-        unclip: the MindEye2 unclip6 checkpoint (``None``: the weights folder) for the semantic stage.
-        tiny_unclip: use the tiny random unCLIP twin.
+            ``None`` (the semantic stages then start from noise).
+        stage2: a ``Stage2Module`` (adapted BIT + fine-tuned UNet): stage ``semantic``, the method.
+        semantic_stock: a stage-1 semantic ``BITModule`` sampled with the stock unCLIP UNet: stage
+            ``semantic_stock``, the "without adapted CLIP" ablation.
+        unclip: the MindEye2 unclip6 checkpoint (``None``: the weights folder) of the stock UNet.
+        tiny_unclip: the stock UNet is the tiny random twin.
         refine: SDXL base (single file or diffusers folder) for the refined stage, or ``None``.
         tiny_refine: use the tiny random SDXL twin (run at 64², not 768²: a CPU budget).
         weights_dir: the weights folder.
@@ -36,15 +43,17 @@ class Reconstructor:
         seed: seeds the DIP networks and the diffusion noise.
 
     Attributes:
-        stages: the stages this chain produces, in order.
-        n_voxels: the voxel table (subject → count) the BITs were trained on.
+        stages: the stages this chain produces, in order (the refinement refines ``semantic`` when there is
+            one, else ``semantic_stock``).
+        n_voxels: the voxel table (subject → count) the models were trained on.
     """
 
     def __init__(
         self,
         lowlevel=None,
-        semantic=None,
+        stage2=None,
         *,
+        semantic_stock=None,
         unclip: Path | None = None,
         tiny_unclip: bool = False,
         refine: Path | None = None,
@@ -56,60 +65,73 @@ class Reconstructor:
         dip_channels: int = 128,
         seed: int = 0,
     ) -> None:
-        require(lowlevel is not None or semantic is not None, "the chain needs a low-level or a semantic BIT")
-        require(
-            semantic is not None or not (refine or tiny_refine), "the refinement needs the semantic stage"
-        )
+        models = {"lowlevel": lowlevel, "stage-2": stage2, "stage-1 semantic": semantic_stock}
+        models = {name: m for name, m in models.items() if m is not None}
+        require(bool(models), "the chain needs a low-level BIT, a stage-2 model or a stage-1 semantic BIT")
+        semantic = stage2 is not None or semantic_stock is not None
+        require(semantic or not (refine or tiny_refine), "the refinement needs a semantic stage")
         self.device = torch.device(device)
-        self.lowlevel, self.semantic = lowlevel, semantic
+        self.lowlevel, self.stage2, self.semantic_stock = lowlevel, stage2, semantic_stock
         self.dip_steps, self.dip_batch, self.seed = dip_steps, dip_batch, seed
         self.dip_channels = dip_channels
-        tables = {name: m.n_voxels for name, m in (("lowlevel", lowlevel), ("semantic", semantic)) if m}
-        require(
-            len({json.dumps(sorted(t.items())) for t in tables.values()}) == 1,
-            f"the BITs were trained on different voxel tables: {tables}",
-        )
-        self.n_voxels: dict[int, int] = next(iter(tables.values()))
-        self.sampler = self.refiner = None
+        self.n_voxels: dict[int, int] = shared_voxel_table(models)
+        self.samplers: dict[str, object] = {}
+        if stage2 is not None:
+            self.samplers["semantic"] = stage2.sampler(progress=False)
+        if semantic_stock is not None:
+            self.samplers["semantic_stock"] = self._stock_sampler(
+                semantic_stock, unclip, tiny_unclip, weights_dir
+            )
+        self.refiner = None
         self.refine_size = 64 if tiny_refine else 768
-        if semantic is not None:
-            from brainit_pl.models.unclip import UnCLIPSampler, load_unclip
-
-            unet, vae = load_unclip(unclip, tiny=tiny_unclip, weights_dir=weights_dir)
-            width = semantic.target_shape[1]
-            require(
-                unet.config.cross_attention_dim == width,
-                f"the semantic BIT predicts {width}-wide CLIP tokens but the unCLIP UNet reads "
-                f"{unet.config.cross_attention_dim}-wide ones (tiny twins pair with tiny twins)",
-            )
-            self.sampler = UnCLIPSampler(
-                unet.to(self.device).eval(), vae.to(self.device).eval(), progress=False
-            )
         if refine or tiny_refine:
             from brainit_pl.recon.refine import build_refiner
 
             self.refiner = build_refiner(
                 refine, tiny=tiny_refine, weights_dir=weights_dir, device=self.device
             )
-        on = (lowlevel is not None, semantic is not None, self.refiner is not None)
+        on = (lowlevel is not None, stage2 is not None, semantic_stock is not None, self.refiner is not None)
         self.stages = [stage for stage, used in zip(STAGES, on) if used]
 
+    def _stock_sampler(self, semantic, unclip, tiny_unclip: bool, weights_dir):
+        from brainit_pl.models.unclip import UnCLIPSampler, load_unclip
+
+        unet, vae = load_unclip(unclip, tiny=tiny_unclip, weights_dir=weights_dir)
+        width = semantic.target_shape[1]
+        require(
+            unet.config.cross_attention_dim == width,
+            f"the semantic BIT predicts {width}-wide CLIP tokens but the unCLIP UNet reads "
+            f"{unet.config.cross_attention_dim}-wide ones (tiny twins pair with tiny twins)",
+        )
+        return UnCLIPSampler(unet.to(self.device).eval(), vae.to(self.device).eval(), progress=False)
+
     @classmethod
-    def from_checkpoints(cls, lowlevel: Path | None, semantic: Path | None, **kwargs) -> Reconstructor:
-        """The chain of two ``brainit-pl fit`` checkpoints (either may be ``None``)."""
-        from brainit_pl.lit.loading import load_bit  # Lightning is heavy: imported when used
+    def from_checkpoints(
+        cls,
+        lowlevel: Path | None,
+        stage2: Path | None = None,
+        *,
+        semantic_stock: Path | None = None,
+        **kwargs,
+    ) -> Reconstructor:
+        """The chain of ``brainit-pl fit`` checkpoints (any may be ``None``; one is needed)."""
+        from brainit_pl.lit.loading import load_bit, load_stage2  # Lightning is heavy: imported when used
 
         device = torch.device(kwargs.get("device", "cpu"))
         low = load_bit(lowlevel, "lowlevel", device) if lowlevel else None
-        sem = load_bit(semantic, "semantic", device) if semantic else None
-        return cls(low, sem, **kwargs)
+        s2 = load_stage2(stage2, device) if stage2 else None
+        stock = load_bit(semantic_stock, "semantic", device) if semantic_stock else None
+        return cls(low, s2, semantic_stock=stock, **kwargs)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """stage → (B, 3, H, W) float images in [0, 1] (DIP 224², unCLIP 256², refined 224²)."""
+        """stage → (B, 3, H, W) float images in [0, 1] (DIP 224², unCLIP 256², refined 224²).
+
+        Both semantic stages start from the same diffusion noise (one generator per stage, same seed), so
+        their difference is the models' alone.
+        """
         dev = self.device
         betas, ids = batch["betas"].to(dev), batch["voxel_ids"].to(dev)
-        gen = torch.Generator(dev).manual_seed(self.seed * 100_003 + int(batch["nsd_id"][0]))
         images: dict[str, Tensor] = {}
         init = None
         if self.lowlevel is not None:
@@ -134,17 +156,25 @@ class Reconstructor:
                     progress=False,
                 )
             images["lowlevel"] = init
-        if self.semantic is not None:
-            was_training = self.semantic.training
-            self.semantic.eval()
+        for stage, model in (("semantic", self.stage2), ("semantic_stock", self.semantic_stock)):
+            if model is None:
+                continue
+            was_training = model.training
+            model.eval()
             with inference_autocast(dev):
-                clip = self.semantic(betas, ids).float()  # (B, 256, width)
-            self.semantic.train(was_training)
-            images["semantic"] = self.sampler(clip, init_images=init, generator=gen)
+                clip = model(betas, ids).float()  # (B, 256, width)
+            model.train(was_training)
+            images[stage] = self.samplers[stage](clip, init_images=init, generator=self._generator(batch))
         if self.refiner is not None:
             from brainit_pl.recon.refine import refine
 
+            source = images["semantic"] if "semantic" in images else images["semantic_stock"]
+            gen = self._generator(batch)
             images["refined"] = refine(
-                self.refiner, images["semantic"], size=self.refine_size, generator=gen, progress=False
+                self.refiner, source, size=self.refine_size, generator=gen, progress=False
             )
         return images
+
+    def _generator(self, batch: dict[str, Tensor]) -> torch.Generator:
+        """The diffusion noise of a batch: keyed by the seed and the batch's first image, not by the order."""
+        return torch.Generator(self.device).manual_seed(self.seed * 100_003 + int(batch["nsd_id"][0]))

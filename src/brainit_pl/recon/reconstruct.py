@@ -3,15 +3,19 @@
 For every test image of every subject (repeats averaged, all voxels):
 
 1. **lowlevel**: the low-level BIT predicts the 7,190 VGG tokens → DIP inversion (:mod:`.dip`);
-2. **semantic**: the semantic BIT predicts the 256 CLIP tokens → unCLIP sampling from the DIP image
-   (:mod:`brainit_pl.models.unclip`; without ``--lowlevel``, from noise);
+2. **semantic**: the stage-2 model (``--stage2``) — its adapted BIT predicts the 256 CLIP tokens, its
+   fine-tuned unCLIP UNet samples from the DIP image (:mod:`brainit_pl.models.unclip`; without
+   ``--lowlevel``, from noise). This is the method;
+   **semantic_stock** (the ablation "without adapted CLIP", only with ``--semantic-stock``): a stage-1
+   semantic BIT sampled with the stock unCLIP UNet (``--unclip`` / ``--tiny-unclip``), same noise;
 3. **refined** (optional): SDXL img2img on the semantic image (:mod:`.refine`).
 
 Output folder ``OUT``::
 
     OUT/gt/subjNN/NNNNN.png           the 224² stimuli each subject's images are scored against (file name:
                                       the 0-based 73k id, 5 digits; --limit picks other images per subject)
-    OUT/subjNN/<stage>/NNNNN.png      224² reconstructions, stage = lowlevel | semantic | refined
+    OUT/subjNN/<stage>/NNNNN.png      224² reconstructions, stage = lowlevel | semantic | semantic_stock |
+                                      refined
     OUT/subjNN/<stage>.npz            the same as arrays: nsd_id (N,), images (N, 3, 224, 224) uint8
     OUT/metrics_<stage>/metrics.*     the metric suite on that stage, a row per subject (evaluate's report)
     OUT/reconstructions.png           ground truth | stages, the first images of every subject
@@ -38,11 +42,10 @@ from PIL import Image
 from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path, atomic_write_text
-from brainit_pl.recon.chain import Reconstructor
+from brainit_pl.recon.chain import STAGES, Reconstructor
 
 log = logging.getLogger(__name__)
 
-STAGES = ("lowlevel", "semantic", "refined")
 SIZE = 224  # every stage is saved and scored at the metrics' 224²
 GRID_IMAGES = 6  # images per subject in reconstructions.png
 
@@ -54,13 +57,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--lowlevel", type=Path, help="low-level BIT checkpoint (brainit-pl fit, branch lowlevel)"
     )
-    parser.add_argument("--semantic", type=Path, help="semantic BIT checkpoint (branch semantic)")
+    parser.add_argument(
+        "--stage2", type=Path, help="stage-2 checkpoint (adapted BIT + fine-tuned UNet): stage `semantic`"
+    )
+    parser.add_argument(
+        "--semantic-stock",
+        type=Path,
+        help="ablation 'without adapted CLIP': a stage-1 semantic BIT checkpoint sampled with the stock "
+        "unCLIP UNet, as stage `semantic_stock`",
+    )
+    parser.add_argument("--semantic", type=Path, help=argparse.SUPPRESS)  # gone: refused with a pointer
     parser.add_argument(
         "--unclip",
         type=Path,
-        help="MindEye2 unclip6 checkpoint [the weights folder's unclip6_epoch0_step110000.ckpt]",
+        help="the stock UNet of --semantic-stock: MindEye2's unclip6 checkpoint [the weights folder's "
+        "unclip6_epoch0_step110000.ckpt]",
     )
-    parser.add_argument("--tiny-unclip", action="store_true", help="random tiny unCLIP twin (smoke tests)")
+    parser.add_argument(
+        "--tiny-unclip", action="store_true", help="the stock UNet is the random tiny twin (smoke tests)"
+    )
     parser.add_argument(
         "--refine", type=Path, help="SDXL base (single file or diffusers folder): adds `refined`"
     )
@@ -86,7 +101,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``brainit-pl reconstruct`` with parsed ``args``."""
-    reconstruct(**{k: v for k, v in vars(args).items() if k not in ("command", "func")})
+    require(
+        args.semantic is None,
+        "--semantic is gone: the method samples with the stage-2 model (--stage2 CKPT); a stage-1 semantic BIT "
+        "with the stock unCLIP UNet is the ablation --semantic-stock CKPT",
+    )
+    reconstruct(**{k: v for k, v in vars(args).items() if k not in ("command", "func", "semantic")})
     return 0
 
 
@@ -95,7 +115,8 @@ def reconstruct(
     out: Path,
     *,
     lowlevel: Path | None = None,
-    semantic: Path | None = None,
+    stage2: Path | None = None,
+    semantic_stock: Path | None = None,
     unclip: Path | None = None,
     tiny_unclip: bool = False,
     refine: Path | None = None,
@@ -122,34 +143,42 @@ def reconstruct(
             ``out`` (without ``overwrite``), bad options.
     """
     out = Path(out)
-    require(lowlevel is not None or semantic is not None, "give --lowlevel and/or --semantic checkpoints")
+    require(
+        lowlevel is not None or stage2 is not None or semantic_stock is not None,
+        "give --lowlevel and/or --stage2 checkpoints (or the ablation --semantic-stock)",
+    )
     require(refine is None or not tiny_refine, "give --refine or --tiny-refine, not both")
-    require(semantic is not None or not (refine or tiny_refine), "the refinement needs the semantic stage")
+    require(
+        stage2 is not None or semantic_stock is not None or not (refine or tiny_refine),
+        "the refinement needs a semantic stage (--stage2)",
+    )
     require(dip_steps >= 1 and dip_batch >= 1 and batch_size >= 1, "steps and batch sizes must be >= 1")
     require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
-    stages = [s for s, on in zip(STAGES, (lowlevel, semantic, refine or tiny_refine)) if on]
+    stages = [s for s, on in zip(STAGES, (lowlevel, stage2, semantic_stock, refine or tiny_refine)) if on]
     settings = {
         "store": str(Path(store).resolve()),
         "lowlevel": _identity(lowlevel),
-        "semantic": _identity(semantic),
-        "unclip": "tiny" if tiny_unclip else str(unclip or "weights folder"),
+        "stage2": _identity(stage2),
+        "semantic_stock": _identity(semantic_stock),
+        "unclip": ("tiny" if tiny_unclip else str(unclip or "weights folder")) if semantic_stock else None,
         "refine": "tiny" if tiny_refine else (str(refine) if refine else None),
         "dip_steps": dip_steps,
         "dip_channels": dip_channels,
         "seed": seed,
         "stages": stages,
     }
-    _claim(out, settings, overwrite)
+    _check_claim(out, settings, overwrite)  # refusals first: loading real models takes minutes
     dev = resolve_device(device)
     models = Reconstructor.from_checkpoints(
-        lowlevel, semantic, unclip=unclip, tiny_unclip=tiny_unclip, refine=refine, tiny_refine=tiny_refine,
-        weights_dir=weights_dir, device=dev, dip_steps=dip_steps, dip_batch=dip_batch,
-        dip_channels=dip_channels, seed=seed,
+        lowlevel, stage2, semantic_stock=semantic_stock, unclip=unclip, tiny_unclip=tiny_unclip,
+        refine=refine, tiny_refine=tiny_refine, weights_dir=weights_dir, device=dev, dip_steps=dip_steps,
+        dip_batch=dip_batch, dip_channels=dip_channels, seed=seed,
     )  # fmt: skip
     loader = _test_loader(store, models.n_voxels, batch_size)
     wanted = set(models.n_voxels if subjects is None else subjects)
     unknown = wanted - set(models.n_voxels)
     require(not unknown, f"subjects {sorted(unknown)} are not in the checkpoints' {sorted(models.n_voxels)}")
+    claim_folder(out, settings, overwrite)  # only now, with every input valid, is the folder touched
     done_per_subject: dict[int, int] = {}
     from tqdm.auto import tqdm
 
@@ -157,25 +186,16 @@ def reconstruct(
         subject = int(batch["subject"][0])
         if subject not in wanted:
             continue
-        keep, gt_missing = [], []
-        for i, nsd_id in enumerate(batch["nsd_id"].tolist()):
+        rows = []
+        for i in range(len(batch["nsd_id"])):
             if limit is not None and done_per_subject.get(subject, 0) >= limit:
                 break
             done_per_subject[subject] = done_per_subject.get(subject, 0) + 1
-            if not all((out / f"subj{subject:02d}" / s / _name(nsd_id)).exists() for s in stages):
-                keep.append(i)
-            elif not (out / "gt" / f"subj{subject:02d}" / _name(nsd_id)).exists():
-                gt_missing.append(i)  # reconstructed by an earlier run: only its ground truth to write
-        if gt_missing:
-            names = [_name(batch["nsd_id"][i]) for i in gt_missing]
-            _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"][torch.tensor(gt_missing)])
-        if keep:
-            rows = torch.tensor(keep)
-            part = {k: v[rows] for k, v in batch.items()}
-            save_batch(out, part, models(part))
+            rows.append(i)
+        if rows:
+            reconstruct_missing(out, {k: v[torch.tensor(rows)] for k, v in batch.items()}, models)
     results = finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
-    settings["finished"] = True
-    atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
+    mark_finished(out, settings)
     log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
     return results
 
@@ -196,6 +216,28 @@ def _test_loader(store: Path, n_voxels: dict[int, int], batch_size: int):
 
 
 # ----------------------------------------------------------------------------------------------- files
+def reconstruct_missing(out: Path, batch: dict[str, torch.Tensor], chain: Reconstructor) -> None:
+    """Reconstruct and save the images of a batch (one subject) that ``out`` does not hold yet.
+
+    An image counts as done when the PNGs of all ``chain.stages`` exist; a done image whose ground truth is
+    missing gets only that. A resumed run therefore redoes nothing finished.
+    """
+    subject = int(batch["subject"][0])
+    keep, gt_missing = [], []
+    for i, nsd_id in enumerate(batch["nsd_id"].tolist()):
+        if not all((out / f"subj{subject:02d}" / s / _name(nsd_id)).exists() for s in chain.stages):
+            keep.append(i)
+        elif not (out / "gt" / f"subj{subject:02d}" / _name(nsd_id)).exists():
+            gt_missing.append(i)  # reconstructed by an earlier run: only its ground truth to write
+    if gt_missing:
+        names = [_name(batch["nsd_id"][i]) for i in gt_missing]
+        _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"][torch.tensor(gt_missing)])
+    if keep:
+        rows = torch.tensor(keep)
+        part = {k: v[rows] for k, v in batch.items()}
+        save_batch(out, part, chain(part))
+
+
 def save_batch(out: Path, batch: dict[str, torch.Tensor], images: dict[str, torch.Tensor]) -> None:
     """Every stage's images of a batch (one subject) and its ground truth, as 224² PNGs."""
     subject, names = int(batch["subject"][0]), [_name(i) for i in batch["nsd_id"].tolist()]
@@ -237,12 +279,12 @@ def _identity(path: Path | None) -> dict[str, Any] | None:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
-def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
-    """Start, resume or refuse: a finished or different run in ``out`` needs ``overwrite``."""
+def _check_claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Refuse (writing nothing) a finished or different run in ``out``, or a foreign folder, without ``overwrite``."""
     run_file = out / "run.json"
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    elif run_file.exists():
+    if overwrite:
+        return
+    if run_file.exists():
         before = json.loads(run_file.read_text())
         require(
             not before.pop("finished", False),
@@ -254,13 +296,26 @@ def _claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
             f"{out} holds an interrupted run with other settings ({', '.join(differ)}); resume it with the same "
             "options or pass --overwrite",
         )
-        log.info("resuming the interrupted run in %s (finished images are kept)", out)
     elif out.exists() and any(out.iterdir()):
         raise BrainITError(
             f"{out} is not empty and holds no reconstruct run; pass --overwrite or another --out"
         )
+
+
+def claim_folder(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
+    """Start or resume the run in ``out`` (after :func:`_check_claim` and the inputs' validation)."""
+    _check_claim(out, settings, overwrite)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    elif (out / "run.json").exists():
+        log.info("resuming the interrupted run in %s (finished images are kept)", out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_file, json.dumps(settings, indent=2) + "\n")
+    atomic_write_text(out / "run.json", json.dumps(settings, indent=2) + "\n")
+
+
+def mark_finished(out: Path, settings: dict[str, Any]) -> None:
+    """Record in ``run.json`` that the run in ``out`` is complete (a rerun is then refused)."""
+    atomic_write_text(out / "run.json", json.dumps({**settings, "finished": True}, indent=2) + "\n")
 
 
 def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, device) -> dict[str, Any]:
