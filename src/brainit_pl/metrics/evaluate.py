@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,
-        antialias=args.antialias,
+        antialias=True if args.antialias else None,  # None: the protocol default
         n_boot=args.n_boot,
     )
     mean = ", ".join(f"{name} {format_value(name, v)}" for name, v in results["mean"].items())
