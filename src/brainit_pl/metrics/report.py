@@ -42,7 +42,7 @@ HEADERS: dict[str, str] = {
     "inception": "Incep↑", "clip": "CLIP↑", "effnet": "Eff↓", "swav": "SwAV↓",
     "retrieval_image": "Image ret.↑", "retrieval_brain": "Brain ret.↑",
 }  # fmt: skip
-# Brain-IT paper (BRAINIT.md §8): mean of subjects 1, 2, 5, 7; 1000 shared test images; MindEye2 protocol.
+# Brain-IT paper, results table: mean of subjects 1, 2, 5, 7; 1000 shared test images; MindEye2 protocol.
 _PUBLISHED_COLUMNS = ("pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav")
 PUBLISHED: dict[str, dict[str, float | None]] = {
     method: dict(zip(_PUBLISHED_COLUMNS, values))
@@ -54,7 +54,7 @@ PUBLISHED: dict[str, dict[str, float | None]] = {
     )
 }
 PUBLISHED_NOTE = (
-    "Published results (Brain-IT paper; BRAINIT.md §8), for context only: mean of subjects 1, 2, 5, 7 on "
+    "Published results (Brain-IT paper), for context only: mean of subjects 1, 2, 5, 7 on "
     "the 1000 shared test images, MindEye2 protocol. Not computed here."
 )
 PROTOCOL_NOTES = {
