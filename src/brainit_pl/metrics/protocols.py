@@ -55,13 +55,14 @@ UNVERSIONED = "unversioned (before protocol versions; numbers from the pre-2 eva
 SSIM_MODES: tuple[str, ...] = ("2d", "columns")
 
 
-def resize_bilinear(images: Tensor, size: int, antialias: bool = MINDEYE2_ANTIALIAS) -> Tensor:
+def resize_bilinear(images: Tensor, size: int, antialias: bool = True) -> Tensor:
     """Resize like torchvision ``Resize((size, size), antialias=antialias)`` on float tensors (bilinear).
 
     Args:
         images: (B, C, H, W) float.
         size: output side.
-        antialias: torchvision 0.16's tensor default is ``False`` (what MindEye2 ran); 0.17+ uses ``True``.
+        antialias: ``True`` (torchvision ≥ 0.17's default; kept as this helper's default for its other
+            users) or ``False`` (torchvision 0.16's tensor default, which :class:`MindEye2Protocol` passes).
 
     Returns:
         (B, C, size, size), same dtype; the input itself when it is already that size (as torchvision does).
