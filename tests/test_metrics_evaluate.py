@@ -13,6 +13,9 @@ from PIL import Image
 from brainit_pl.cli import main
 from brainit_pl.metrics import METRIC_NAMES, log_to_tensorboard, make_results, write_reports
 from brainit_pl.metrics.folders import discover, load_embeddings
+from brainit_pl.metrics.protocols import UNVERSIONED
+from brainit_pl.metrics.report import comparability, read_results, render_markdown
+from brainit_pl.metrics.suite import PER_IMAGE_METRICS
 
 N = 7
 
@@ -55,8 +58,21 @@ def _evaluate(tree: dict[str, Path], *extra: str, recons: Path | None = None) ->
 def test_evaluate_per_subject_writes_the_three_tables(tree):
     assert _evaluate(tree) == 0
     results = json.loads((tree["out"] / "metrics.json").read_text())
-    assert list(results) == ["protocol", "n_images", "per_subject", "mean"]
+    assert list(results) == [
+        "protocol", "protocol_version", "protocol_options", "n_images", "per_subject", "mean", "ci", "ci_method",
+    ]  # fmt: skip
     assert results["protocol"] == "mindeye2" and results["n_images"] == N
+    assert results["protocol_version"] == "2"
+    options = results["protocol_options"]
+    assert options["antialias"] is False and options["ssim"] == "2d" and options["retrieval_seed"] == 42
+    assert results["ci_method"] == {
+        "kind": "percentile bootstrap over images", "n_boot": 1000, "level": 0.95, "seed": 0,
+    }  # fmt: skip
+    for subject, bounds in results["ci"].items():
+        assert list(bounds) == [f"{n}_ci" for n in PER_IMAGE_METRICS]  # no interval for retrieval
+        for name in PER_IMAGE_METRICS:
+            low, high = bounds[f"{name}_ci"]
+            assert low <= results["per_subject"][subject][name] <= high
     assert list(results["per_subject"]) == ["subj01", "subj02"]
     for row in [*results["per_subject"].values(), results["mean"]]:
         assert list(row) == list(METRIC_NAMES)
@@ -85,6 +101,8 @@ def test_evaluate_flat_folder_braindiffuser(tree):
     assert _evaluate(tree, "--protocol", "braindiffuser", recons=flat) == 0
     results = json.loads((tree["out"] / "metrics.json").read_text())
     assert results["protocol"] == "braindiffuser" and list(results["per_subject"]) == ["all"]
+    assert results["protocol_options"]["ssim"] == "columns"
+    assert results["protocol_options"]["net_weights"] == {"effnet": "efficientnet-b1-v1"}
     row = results["per_subject"]["all"]
     assert row["pixcorr"] == pytest.approx(1.0) and row["ssim"] == pytest.approx(1.0)
     assert row["alexnet2"] == 1.0 and row["effnet"] == pytest.approx(0.0, abs=1e-9)
@@ -174,4 +192,31 @@ def test_report_mean_and_tensorboard(tmp_path):
     assert (
         events.Scalars("test/ssim")[0].value == pytest.approx(0.6)
         and events.Scalars("test/ssim")[0].step == 3
+    )
+
+
+def test_antialias_option_and_no_bootstrap(tree):
+    assert _evaluate(tree, "--antialias", "--n-boot", "0") == 0
+    results = json.loads((tree["out"] / "metrics.json").read_text())
+    assert results["protocol_options"]["antialias"] is True and "ci" not in results
+
+
+def test_antialias_is_refused_for_braindiffuser(tree, capsys):
+    assert _evaluate(tree, "--protocol", "braindiffuser", "--antialias") == 2
+    assert "mindeye2 protocol only" in capsys.readouterr().err
+
+
+def test_an_old_metrics_json_is_labelled_unversioned(tmp_path):
+    row = dict.fromkeys(METRIC_NAMES, 0.5)
+    old = {"protocol": "mindeye2", "n_images": 1000, "per_subject": {"subj01": row}, "mean": row}
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps(old))
+    read = read_results(path)
+    assert read["protocol_version"] == UNVERSIONED and read["protocol_options"] is None
+    assert f"Protocol version: {UNVERSIONED}" in render_markdown(old)
+    new = make_results("mindeye2", {"subj01": row}, 1000)
+    assert any("versions differ" in reason for reason in comparability(old, new))
+    assert comparability(new, make_results("mindeye2", {"subj01": row}, 1000)) == []
+    assert any(
+        "protocols differ" in r for r in comparability(new, make_results("braindiffuser", {"all": row}, 1000))
     )

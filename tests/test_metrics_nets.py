@@ -116,9 +116,33 @@ def test_mindeye2_input_is_torchvision_resize_then_normalize(images):
     net.body.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
     net(images)
     expected = transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])(
-        transforms.Resize(342)(transforms.Resize((256, 256))(images))
+        # torchvision 0.16 (MindEye2's pin): the tensor Resize does not antialias by default
+        transforms.Resize(342, antialias=False)(transforms.Resize((256, 256), antialias=False)(images))
     )
     assert torch.allclose(seen["x"], expected, atol=1e-6)
+
+
+def test_braindiffuser_effnet_reads_the_v1_weights(tmp_path):
+    """efficientnet_b1(weights=True) is torchvision's legacy pretrained=True: IMAGENET1K_V1."""
+    import torchvision
+
+    from brainit_pl.backbones.weights import WEIGHT_FILES
+
+    v1, v2 = WEIGHT_FILES["efficientnet-b1-v1"], WEIGHT_FILES["efficientnet-b1"]
+    tv = torchvision.models.EfficientNet_B1_Weights
+    assert v1.url == tv.IMAGENET1K_V1.url and v2.url == tv.IMAGENET1K_V2.url
+    with pytest.raises(BrainITError, match=v1.path):
+        build_metric_net("effnet", protocol="braindiffuser", weights_dir=tmp_path)
+    with pytest.raises(BrainITError, match=v2.path):
+        build_metric_net("effnet", protocol="mindeye2", weights_dir=tmp_path)
+    # V1 and V2 share the architecture: a V1-format file loads into the same network
+    donor = build_bare_metric_net("effnet", tiny=True, seed=4)
+    torch.save(donor.state_dict(), tmp_path / v1.path)
+    net = build_metric_net("effnet", tiny=True, protocol="braindiffuser", weights=tmp_path / v1.path)
+    images = torch.rand(2, 3, 30, 26, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(
+        net(images), build_metric_net("effnet", tiny=True, seed=4, protocol="braindiffuser")(images)
+    )
 
 
 def test_braindiffuser_input_is_pil_224_then_normalize(images):

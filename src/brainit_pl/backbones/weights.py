@@ -104,6 +104,15 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         size="30 MB",
         what="torchvision EfficientNet-B1 ImageNet weights (EfficientNet_B1_Weights.IMAGENET1K_V2)",
     ),
+    # Brain-Diffuser's efficientnet_b1(weights=True) means IMAGENET1K_V1 (torchvision's legacy "pretrained"
+    # default). Its torchvision 0.13.1 downloaded this file as efficientnet_b1_rwightman-533bc792.pth;
+    # torchvision 0.17 renamed it after the hash in its name (pytorch/vision#8036), same content.
+    "efficientnet-b1-v1": WeightFile(
+        path="efficientnet_b1_rwightman-bac287d4.pth",
+        url=_TORCHVISION + "efficientnet_b1_rwightman-bac287d4.pth",
+        size="30 MB",
+        what="torchvision EfficientNet-B1 ImageNet weights ported from timm (EfficientNet_B1_Weights.IMAGENET1K_V1)",
+    ),
     "swav-rn50": WeightFile(
         path="swav_800ep_pretrain.pth.tar",
         url="https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",

@@ -19,9 +19,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.metrics.bootstrap import bootstrap_ci
 from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL
 from brainit_pl.metrics.report import format_value, log_to_tensorboard, make_results, write_reports
-from brainit_pl.metrics.suite import build_eval_suite, build_feature_nets, summarize
+from brainit_pl.metrics.suite import build_eval_suite, build_feature_nets, per_image_values, summarize
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,12 @@ class TestEvaluation(Callback):
         per_subject = {f"subj{s:02d}": summarize(self._suites[s].compute()) for s in sorted(self._suites)}
         counts = {f"subj{s:02d}": len(self._ids[s]) for s in sorted(self._suites)}
         n_images = len(set().union(*self._ids.values()))
-        results = make_results(self.protocol, per_subject, n_images)
+        ci = {  # 95% percentile bootstrap over images, 1000 resamples, seed 0 (bootstrap's defaults)
+            f"subj{s:02d}": {n: bootstrap_ci(v) for n, v in per_image_values(self._suites[s]).items()}
+            for s in sorted(self._suites)
+        }
+        ci_method = {"kind": "percentile bootstrap over images", "n_boot": 1000, "level": 0.95, "seed": 0}
+        results = make_results(self.protocol, per_subject, n_images, ci=ci, ci_method=ci_method)
         out = Path(self.out_dir or os.path.join(trainer.log_dir or trainer.default_root_dir, "test"))
         write_reports(out, results, nets=self.nets, counts=counts)
         self._write_grids(out)

@@ -20,10 +20,12 @@ from pathlib import Path
 
 from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError
+from brainit_pl.metrics import bootstrap
 from brainit_pl.metrics.folders import RECON_KINDS, discover, load_embeddings, load_images
-from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS
+from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
 from brainit_pl.metrics.report import format_value, make_results, write_reports
-from brainit_pl.metrics.suite import build_eval_suite, summarize
+from brainit_pl.metrics.retrieval import RETRIEVAL_SEED
+from brainit_pl.metrics.suite import build_eval_suite, per_image_values, summarize
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +67,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device", choices=("cpu", "cuda"), default=None, help="[cuda if available, else cpu]"
     )
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch [32]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the retrieval subsets [0]")
+    parser.add_argument(
+        "--antialias",
+        action="store_true",
+        help="mindeye2 only: antialias the bilinear resizes (torchvision >= 0.17); default: none, as "
+        "MindEye2's pinned torchvision 0.16.0 did",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=RETRIEVAL_SEED,
+        help=f"seed of the retrieval subsets [{RETRIEVAL_SEED}, MindEye2's]",
+    )
+    parser.add_argument(
+        "--n-boot",
+        type=int,
+        default=bootstrap.N_BOOT,
+        help=f"bootstrap resamples for the confidence intervals; 0: none [{bootstrap.N_BOOT}]",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the evaluation; returns the exit status. User errors raise BrainITError."""
     if args.batch_size < 1:
         raise BrainITError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.n_boot < 0:
+        raise BrainITError(f"--n-boot must be 0 or more, got {args.n_boot}")
+    if args.antialias and args.protocol != "mindeye2":
+        raise BrainITError(
+            "--antialias applies to the mindeye2 protocol only (Brain-Diffuser resizes with PIL)"
+        )
     results, paths = evaluate_folders(
         args.recons,
         args.gt,
@@ -83,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
         seed=args.seed,
+        antialias=True if args.antialias else None,  # None: the protocol default
+        n_boot=args.n_boot,
     )
     mean = ", ".join(f"{name} {format_value(name, v)}" for name, v in results["mean"].items())
     log.info("%s protocol, %d test images; mean: %s", args.protocol, results["n_images"], mean)
@@ -101,9 +128,20 @@ def evaluate_folders(
     protocol: str = DEFAULT_PROTOCOL,
     device: str | None = None,
     batch_size: int = 32,
-    seed: int = 0,
+    seed: int = RETRIEVAL_SEED,
+    antialias: bool | None = None,
+    n_boot: int = bootstrap.N_BOOT,
+    ci_level: float = bootstrap.LEVEL,
+    ci_seed: int = bootstrap.SEED,
 ) -> tuple[dict, dict[str, Path]]:
     """Score the PNG folders (the layouts of :mod:`brainit_pl.metrics.folders`) and write the reports.
+
+    Args:
+        seed: seed of the retrieval subsets.
+        antialias: ``mindeye2`` only; ``None`` keeps the protocol's default (no antialiasing).
+        n_boot: bootstrap resamples of the per-image values for the ``<metric>_ci`` intervals; 0: none.
+        ci_level: coverage of the intervals.
+        ci_seed: seed of the resamples.
 
     Returns:
         The results dict (the content of metrics.json) and the report files written in ``out``.
@@ -111,9 +149,10 @@ def evaluate_folders(
     from tqdm.auto import tqdm
 
     dev = resolve_device(device)
+    proto = get_protocol(protocol) if antialias is None else get_protocol(protocol, antialias=antialias)
     sets = discover(recons, gt, kind)  # every folder problem surfaces before any compute
-    suite = build_eval_suite(protocol, nets=nets, weights_dir=weights_dir, retrieval_seed=seed).to(dev)
-    per_subject, counts = {}, {}
+    suite = build_eval_suite(proto, nets=nets, weights_dir=weights_dir, retrieval_seed=seed).to(dev)
+    per_subject, counts, ci = {}, {}, {}
     for eval_set in sets:
         suite.reset()
         names = eval_set.names
@@ -128,6 +167,24 @@ def evaluate_folders(
             suite.update(brain_embeds=brain.to(dev), image_embeds=image.to(dev))
         per_subject[eval_set.subject] = summarize(suite.compute())
         counts[eval_set.subject] = len(names)
+        if n_boot > 0:
+            ci[eval_set.subject] = {
+                name: bootstrap.bootstrap_ci(values, n_boot=n_boot, level=ci_level, seed=ci_seed)
+                for name, values in per_image_values(suite).items()
+            }
     n_images = len({(eval_set.gt_dir, name) for eval_set in sets for name in eval_set.names})
-    results = make_results(protocol, per_subject, n_images)
+    ci_method = {
+        "kind": "percentile bootstrap over images",
+        "n_boot": n_boot,
+        "level": ci_level,
+        "seed": ci_seed,
+    }
+    results = make_results(
+        proto,
+        per_subject,
+        n_images,
+        ci=ci if n_boot > 0 else None,
+        ci_method=ci_method,
+        options={"retrieval_seed": seed, "retrieval_subsets": "30 x 300"},
+    )
     return results, write_reports(out, results, nets=nets, counts=counts)

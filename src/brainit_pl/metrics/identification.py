@@ -3,7 +3,9 @@
 
 Two-way identification needs every pair at once (each reconstruction is compared with every other ground
 truth), so it keeps the features as ``cat`` states — they gather across devices — and scores at
-``compute``. The correlation distance only needs matching pairs, so it keeps a sum and a count.
+``compute``. The correlation distance only needs matching pairs, so it keeps one distance per pair. Both
+give a per-image value (:meth:`per_image`) whose mean is the metric, for bootstrap intervals over images:
+for two-way identification, the fraction of the N − 1 comparisons that reconstruction j wins.
 """
 
 from __future__ import annotations
@@ -76,9 +78,23 @@ def two_way_from_scores(scores: Tensor) -> Tensor:
     For each reconstruction j, the fraction of ground truths i ≠ j with S[i, j] < S[j, j], averaged over j.
     """
     n = scores.shape[0]
+    return two_way_wins(scores).double().mean() / (n - 1)
+
+
+def two_way_wins(scores: Tensor) -> Tensor:
+    """(N,) long: for each reconstruction j, the number of ground truths i ≠ j with S[i, j] < S[j, j]."""
     congruent = scores.diagonal()  # (N,), S[j, j]
-    wins = (scores < congruent.unsqueeze(0)).sum(dim=0)  # (N,), per reconstruction j; the diagonal never wins
-    return wins.double().mean() / (n - 1)
+    return (scores < congruent.unsqueeze(0)).sum(dim=0)  # per reconstruction j; the diagonal never wins
+
+
+def two_way_per_image(gt_features: Tensor, recon_features: Tensor) -> Tensor:
+    """(N,) float64: per reconstruction j, the fraction of the N − 1 comparisons it wins; the mean is
+    :func:`two_way_identification`. Resampling these values is how images are bootstrapped (the matrix
+    itself is not recomputed)."""
+    n = gt_features.shape[0]
+    if n < 2:
+        raise InvalidInputError(f"two-way identification needs at least 2 images, got {n}")
+    return two_way_wins(correlation_matrix(gt_features, recon_features)).double() / (n - 1)
 
 
 class _FeatureMetric(Metric):
@@ -144,6 +160,12 @@ class TwoWayIdentification(_FeatureMetric):
             self.recon_features.append(features[0])
             self.gt_features.append(features[1])
 
+    def per_image(self) -> Tensor:
+        """(N,) float64: per reconstruction, the fraction of the other N − 1 ground truths it beats."""
+        if is_empty(self.gt_features):
+            raise InvalidInputError("TwoWayIdentification: no images were given")
+        return two_way_per_image(dim_zero_cat(self.gt_features), dim_zero_cat(self.recon_features))
+
     def compute(self) -> Tensor:
         """Two-way identification over all pairs seen (float64 scalar in [0, 1])."""
         if is_empty(self.gt_features):
@@ -166,19 +188,20 @@ class CorrelationDistance(_FeatureMetric):
         self, feature_extractor: nn.Module | str, protocol: str = DEFAULT_PROTOCOL, **kwargs
     ) -> None:
         super().__init__(feature_extractor, protocol, **kwargs)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("distances", default=[], dist_reduce_fx="cat")
 
     def update(self, recons: Tensor | None = None, gt: Tensor | None = None) -> None:
         """Add a batch of pairs (same arguments as :meth:`TwoWayIdentification.update`)."""
         features = self._features(recons, gt)
         if features is not None:
-            distance = 1.0 - pearson_rows(features[1], features[0])  # (B,) float64
-            self.total += distance.sum()
-            self.count += distance.numel()
+            self.distances.append(1.0 - pearson_rows(features[1], features[0]))  # (B,) float64
+
+    def per_image(self) -> Tensor:
+        """(N,) float64: the correlation distance of every pair seen."""
+        if is_empty(self.distances):
+            raise InvalidInputError("CorrelationDistance: no images were given")
+        return dim_zero_cat(self.distances)
 
     def compute(self) -> Tensor:
         """Mean correlation distance over all pairs seen (float64 scalar in [0, 2])."""
-        if self.count == 0:
-            raise InvalidInputError("CorrelationDistance: no images were given")
-        return self.total / self.count
+        return self.per_image().mean()

@@ -1,8 +1,9 @@
 """Input checks shared by every image metric, and the two pixel metrics: PixCorr and SSIM.
 
-Both pixel metrics keep a running sum and a count (``dist_reduce_fx="sum"``), so they sync across devices
-by summation. They are computed in float64 from the protocol's float32 425² images, which is what
-``np.corrcoef`` and skimage do in the reference evaluators.
+Both pixel metrics keep one value per image pair (a ``cat`` state, gathered across devices), so that the
+mean and a bootstrap interval over images (:mod:`brainit_pl.metrics.bootstrap`) come from the same values.
+They are computed in float64 from the protocol's float32 425² images, which is what ``np.corrcoef`` and
+skimage do in the reference evaluators.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
@@ -146,29 +148,44 @@ def _gaussian_blur(maps: Tensor) -> Tensor:
     return _blur_matrix(h, maps.dtype, maps.device) @ maps @ _blur_matrix(w, maps.dtype, maps.device).T
 
 
-def ssim_gray(x: Tensor, y: Tensor, data_range: float = 1.0) -> Tensor:
+def ssim_gray(x: Tensor, y: Tensor, data_range: float = 1.0, mode: str = "2d") -> Tensor:
     """Mean SSIM per image, equal to skimage's ``structural_similarity(x, y, gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False, data_range=data_range)``.
+    sigma=1.5, use_sample_covariance=False, data_range=data_range)`` on 2-D grey images.
+
+    ``mode="2d"`` is that call (MindEye2). ``mode="columns"`` is the same call with ``multichannel=True``
+    in scikit-image 0.17.2 (Brain-Diffuser): the last axis of the 2-D image is taken as channels, so each
+    column is a 1-D signal, filtered by the 1-D gaussian down the rows, its SSIM map cropped by the radius
+    at both ends and averaged; the result is the mean over the columns (all of the same length, hence the
+    mean of the row-cropped map).
 
     Args:
         x: (B, 1, H, W) float64 grey images.
         y: (B, 1, H, W) float64.
         data_range: dynamic range of the images.
+        mode: ``"2d"`` or ``"columns"``.
 
     Returns:
         (B,) float64.
     """
-    stats = _gaussian_blur(torch.cat([x, y, x * x, y * y, x * y], dim=1))  # (B, 5, H, W)
+    maps = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5, H, W)
+    if mode == "2d":
+        stats = _gaussian_blur(maps)
+    elif mode == "columns":  # filter along H only: each column on its own
+        stats = _blur_matrix(maps.shape[-2], maps.dtype, maps.device) @ maps
+    else:
+        raise ValueError(f"unknown SSIM mode {mode!r}; expected '2d' or 'columns'")
     ux, uy, uxx, uyy, uxy = stats.unbind(dim=1)
     vx, vy, vxy = uxx - ux * ux, uyy - uy * uy, uxy - ux * uy  # population covariance (cov_norm = 1)
     c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
     s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))  # (B, H, W)
     pad = int(SSIM_TRUNCATE * SSIM_SIGMA + 0.5)  # skimage crops (win_size - 1) // 2 = the filter radius
+    if mode == "columns":
+        return s[:, pad:-pad, :].mean(dim=(1, 2))
     return s[:, pad:-pad, pad:-pad].mean(dim=(1, 2))
 
 
 class _PairMeanMetric(Metric):
-    """A mean over image pairs, kept as (sum, count) so that it syncs by summation."""
+    """A mean over image pairs, kept as the per-pair values (``cat``: gathered across devices)."""
 
     full_state_update = False
     is_differentiable = False
@@ -177,8 +194,7 @@ class _PairMeanMetric(Metric):
     def __init__(self, protocol: str | Protocol = DEFAULT_PROTOCOL, **kwargs) -> None:
         super().__init__(**kwargs)
         self.protocol = get_protocol(protocol)
-        self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("pair_values", default=[], dist_reduce_fx="cat")
 
     def _per_pair(self, recons: Tensor, gt: Tensor) -> Tensor:
         raise NotImplementedError
@@ -196,15 +212,17 @@ class _PairMeanMetric(Metric):
         if recons is None or gt is None:
             raise InvalidInputError("give both recons and gt (or neither)")
         recons, gt = check_images(recons, gt)
-        values = self._per_pair(recons, gt)  # (B,) float64
-        self.total += values.sum()
-        self.count += values.numel()
+        self.pair_values.append(self._per_pair(recons, gt).double())  # (B,) float64
+
+    def per_image(self) -> Tensor:
+        """(N,) float64: the value of every pair seen, in update order (rank by rank after a sync)."""
+        if is_empty(self.pair_values):
+            raise InvalidInputError(f"{type(self).__name__}: no images were given")
+        return dim_zero_cat(self.pair_values)
 
     def compute(self) -> Tensor:
         """Mean over all pairs seen (float64 scalar)."""
-        if self.count == 0:
-            raise InvalidInputError(f"{type(self).__name__}: no images were given")
-        return self.total / self.count
+        return self.per_image().mean()
 
 
 class PixCorr(_PairMeanMetric):
@@ -226,7 +244,9 @@ class SSIM(_PairMeanMetric):
 
     skimage ``rgb2gray``, then ``structural_similarity`` with a gaussian window (σ 1.5, truncate 3.5,
     reflect borders), population covariance, data range 1, and the mean taken over the image cropped by
-    the window radius. Computed in float64 in torch, so it runs on GPU.
+    the window radius. Computed in float64 in torch, so it runs on GPU. Under ``braindiffuser`` the SSIM
+    is the mean of 1-D SSIMs down the columns (scikit-image 0.17.2's ``multichannel=True`` on a grey
+    image; see :func:`ssim_gray`).
 
     Args:
         protocol: ``"mindeye2"`` or ``"braindiffuser"``.
@@ -236,4 +256,4 @@ class SSIM(_PairMeanMetric):
     def _per_pair(self, recons: Tensor, gt: Tensor) -> Tensor:
         x = rgb_to_gray(self.protocol.pixel_input(recons).double())  # (B, 1, 425, 425)
         y = rgb_to_gray(self.protocol.pixel_input(gt).double())
-        return ssim_gray(x, y, data_range=1.0)
+        return ssim_gray(x, y, data_range=1.0, mode=self.protocol.ssim_mode)

@@ -10,12 +10,14 @@ alexnet2   torchvision AlexNet, IMAGENET1K_V1              features.4   256²   
 alexnet5   the same network                                features.11  256²         ImageNet
 inception  torchvision Inception v3, IMAGENET1K_V1         avgpool      342²         ImageNet
 clip       OpenAI CLIP ViT-L/14 (open_clip, QuickGELU)     image embed  224²         CLIP
-effnet     torchvision EfficientNet-B1, IMAGENET1K_V2      avgpool      255²         ImageNet
+effnet     torchvision EfficientNet-B1, IMAGENET1K_V2 (*)  avgpool      255²         ImageNet
 swav       SwAV ResNet-50, 800 epochs (facebookresearch)   avgpool      224²         ImageNet
 =========  ==============================================  ===========  ===========  =========
 
-(IMAGENET1K_V1 / V2 are the DEFAULT weights of torchvision 0.29, which MindEye2 asks for.) Under the
-``braindiffuser`` protocol every network gets 224² inputs.
+(IMAGENET1K_V1 / V2 are the DEFAULT weights of torchvision 0.16 and later, which MindEye2 asks for.) Under
+the ``braindiffuser`` protocol every network gets 224² inputs, and (*) EfficientNet-B1 has the
+IMAGENET1K_V1 weights: Brain-Diffuser's ``efficientnet_b1(weights=True)`` is torchvision's legacy
+``pretrained=True``, whose default is V1 (the protocol's ``net_weights``).
 
 Real weights come only from local files (``WEIGHT_FILES``, data/README.md), found, read and checked by
 :mod:`brainit_pl.backbones.weights` like every backbone's. A tiny twin (``tiny=True``,
@@ -263,7 +265,8 @@ def build_metric_net(
     Args:
         name: one of :data:`METRIC_NETS` (``alexnet2``, ``alexnet5``, ``inception``, ``clip``, ``effnet``,
             ``swav``).
-        protocol: ``"mindeye2"`` or ``"braindiffuser"`` (input resize).
+        protocol: ``"mindeye2"`` or ``"braindiffuser"`` (or a :class:`Protocol`): the input resize, and for
+            ``effnet`` the default weight file (V2 for MindEye2, V1 for Brain-Diffuser).
         tiny: build the tiny twin (small, seeded, random unless ``weights`` is given).
         weights: a weight file to load. For a real network the default is its standard file in the weights
             folder; for a tiny twin the default is no file.
@@ -278,9 +281,11 @@ def build_metric_net(
         BrainITError: unknown name, missing or unreadable weight file, or a file of another architecture.
     """
     spec = _spec(name)
+    proto = get_protocol(protocol)
     path = None
     if weights is not None or not (tiny or random_init):  # fail on a missing file before the slow build
-        path = resolve_weights(spec.weights_key, weights, weights_dir=weights_dir)
+        key = proto.weights_key(name, spec.weights_key)  # Brain-Diffuser's EfficientNet-B1 is V1
+        path = resolve_weights(key, weights, weights_dir=weights_dir)
     # Built with random weights, not on the meta device: a file may leave some (SwAV's fc) to the network.
     net = build_bare_metric_net(name, tiny=tiny, seed=seed)
     if path is not None:
@@ -296,4 +301,4 @@ def build_metric_net(
             body = create_feature_extractor(net, return_nodes=[spec.node])
     else:  # CLIP's un-normalised image embedding (MindEye2, Brain-Diffuser): encode_image is visual(x), so
         body = net.visual  # only the vision tower is kept; the text tower, needed to read the file, is freed
-    return MetricNet(name, body, spec.input_size, spec.mean, spec.std, protocol=protocol, node=spec.node)
+    return MetricNet(name, body, spec.input_size, spec.mean, spec.std, protocol=proto, node=spec.node)

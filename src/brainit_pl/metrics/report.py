@@ -2,9 +2,18 @@
 
 A *results* dict is exactly what metrics.json holds::
 
-    {"protocol": "mindeye2", "n_images": 1000,
+    {"protocol": "mindeye2", "protocol_version": "2",
+     "protocol_options": {"resize": "bilinear", "antialias": false, ..., "retrieval_seed": 42},
+     "n_images": 1000,
      "per_subject": {"subj01": {"pixcorr": 0.31, ..., "retrieval_brain": None}, ...},
-     "mean": {"pixcorr": ..., ...}}
+     "mean": {"pixcorr": ..., ...},
+     "ci": {"subj01": {"pixcorr_ci": [0.30, 0.32], ...}, ...},
+     "ci_method": {"kind": "percentile bootstrap over images", "n_boot": 1000, "level": 0.95, "seed": 0}}
+
+``ci`` holds a bootstrap interval (:mod:`brainit_pl.metrics.bootstrap`) for each metric that is a mean over
+images (not retrieval), per subject. A metrics.json written before protocol versions existed has no
+``protocol_version``; :func:`read_results` labels it :data:`~brainit_pl.metrics.protocols.UNVERSIONED`, and
+:func:`comparability` says why two results cannot share a table.
 
 Two-way identification and retrieval are fractions in [0, 1] (shown as percentages in metrics.md); a metric
 that was not computed (retrieval without embeddings) is ``None`` / empty in the CSV / "—" in markdown. The
@@ -19,12 +28,13 @@ import csv
 import io
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from brainit_pl.files import atomic_write_text
-from brainit_pl.metrics.suite import METRIC_NAMES, TWO_WAY_NETS
+from brainit_pl.metrics.protocols import UNVERSIONED, Protocol, get_protocol
+from brainit_pl.metrics.suite import METRIC_NAMES, PER_IMAGE_METRICS, TWO_WAY_NETS
 
 PERCENT_METRICS = frozenset((*TWO_WAY_NETS, "retrieval_image", "retrieval_brain"))
 HEADERS: dict[str, str] = {
@@ -32,7 +42,7 @@ HEADERS: dict[str, str] = {
     "inception": "Incep↑", "clip": "CLIP↑", "effnet": "Eff↓", "swav": "SwAV↓",
     "retrieval_image": "Image ret.↑", "retrieval_brain": "Brain ret.↑",
 }  # fmt: skip
-# Brain-IT paper (BRAINIT.md §8): mean of subjects 1, 2, 5, 7; 1000 shared test images; MindEye2 protocol.
+# Brain-IT paper, results table: mean of subjects 1, 2, 5, 7; 1000 shared test images; MindEye2 protocol.
 _PUBLISHED_COLUMNS = ("pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav")
 PUBLISHED: dict[str, dict[str, float | None]] = {
     method: dict(zip(_PUBLISHED_COLUMNS, values))
@@ -44,12 +54,15 @@ PUBLISHED: dict[str, dict[str, float | None]] = {
     )
 }
 PUBLISHED_NOTE = (
-    "Published results (Brain-IT paper; BRAINIT.md §8), for context only: mean of subjects 1, 2, 5, 7 on "
+    "Published results (Brain-IT paper), for context only: mean of subjects 1, 2, 5, 7 on "
     "the 1000 shared test images, MindEye2 protocol. Not computed here."
 )
 PROTOCOL_NOTES = {
-    "mindeye2": "MindEye2's evaluator (every image first resized to 256², bilinear, antialiased)",
-    "braindiffuser": "Brain-Diffuser's evaluator (PIL resizes of 8-bit images; every network at 224²)",
+    "mindeye2": "MindEye2's evaluator (every image first resized to 256², bilinear torch resizes)",
+    "braindiffuser": (
+        "Brain-Diffuser's evaluator (PIL resizes of 8-bit images; every network at 224²; column SSIM of "
+        "scikit-image 0.17.2; EfficientNet-B1 IMAGENET1K_V1)"
+    ),
 }
 FILES = ("metrics.md", "metrics.csv", "metrics.json")
 
@@ -64,22 +77,87 @@ def mean_over_subjects(per_subject: Mapping[str, Mapping[str, float | None]]) ->
 
 
 def make_results(
-    protocol: str, per_subject: Mapping[str, Mapping[str, float | None]], n_images: int
+    protocol: str | Protocol,
+    per_subject: Mapping[str, Mapping[str, float | None]],
+    n_images: int,
+    *,
+    ci: Mapping[str, Mapping[str, Sequence[float] | None]] | None = None,
+    ci_method: Mapping[str, Any] | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble the results dict (the content of metrics.json).
 
     Args:
-        protocol: the protocol every subject was scored with.
+        protocol: the protocol every subject was scored with (a name, or a :class:`Protocol` with options).
         per_subject: subject (``"subj01"``, or ``"all"`` for a flat folder) → metric name → value.
         n_images: number of test images (distinct ground-truth images scored).
+        ci: subject → metric name → ``(low, high)`` bootstrap interval (or ``None``); written as
+            ``<metric>_ci``.
+        ci_method: how the intervals were computed (``n_boot``, ``level``, ``seed``).
+        options: further options that define the numbers (``retrieval_seed``), added to the protocol's.
     """
+    proto = get_protocol(protocol)
     rows = {subject: {name: row.get(name) for name in METRIC_NAMES} for subject, row in per_subject.items()}
-    return {
-        "protocol": protocol,
+    results: dict[str, Any] = {
+        **proto.describe(),
         "n_images": int(n_images),
         "per_subject": rows,
         "mean": mean_over_subjects(rows),
     }
+    results["protocol_options"] = {**results["protocol_options"], **dict(options or {})}
+    if ci is not None:
+        results["ci"] = {
+            subject: {
+                f"{name}_ci": None if bounds.get(name) is None else [float(v) for v in bounds[name]]
+                for name in PER_IMAGE_METRICS
+                if name in bounds
+            }
+            for subject, bounds in ci.items()
+        }
+        results["ci_method"] = dict(ci_method or {})
+    return results
+
+
+def read_results(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """Read a metrics.json (or take its dict), labelling one written before protocol versions existed.
+
+    Returns:
+        The results, with ``protocol_version`` set to :data:`UNVERSIONED` and ``protocol_options`` to
+        ``None`` where the file has none.
+    """
+    results = dict(source) if isinstance(source, Mapping) else json.loads(Path(source).read_text())
+    if "protocol_version" not in results:
+        results["protocol_version"] = UNVERSIONED
+        results.setdefault("protocol_options", None)
+    return results
+
+
+def version_label(results: Mapping[str, Any]) -> str:
+    """``"mindeye2 v2"``, or ``"mindeye2, unversioned (...)"`` for an old metrics.json."""
+    version = results.get("protocol_version", UNVERSIONED)
+    protocol = results.get("protocol", "?")
+    return f"{protocol}, {version}" if version == UNVERSIONED else f"{protocol} v{version}"
+
+
+def comparability(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """Why two results may not share a table: different protocols, versions, options or image counts.
+
+    Returns:
+        Human-readable reasons; empty when the two were computed the same way.
+    """
+    a, b = read_results(a), read_results(b)
+    reasons = []
+    if a.get("protocol") != b.get("protocol"):
+        reasons.append(f"protocols differ: {a.get('protocol')} vs {b.get('protocol')}")
+    if a["protocol_version"] != b["protocol_version"]:
+        reasons.append(f"protocol versions differ: {version_label(a)} vs {version_label(b)}")
+    elif a["protocol_version"] == UNVERSIONED:
+        reasons.append(f"both are {UNVERSIONED}: their protocol options are unknown")
+    elif a.get("protocol_options") != b.get("protocol_options"):
+        reasons.append(f"protocol options differ: {a.get('protocol_options')} vs {b.get('protocol_options')}")
+    if a.get("n_images") != b.get("n_images"):
+        reasons.append(f"test image counts differ: {a.get('n_images')} vs {b.get('n_images')}")
+    return reasons
 
 
 def format_value(name: str, value: float | None) -> str:
@@ -103,17 +181,36 @@ def _table(
     return lines
 
 
+def _ci_table(ci: Mapping[str, Mapping[str, Sequence[float] | None]]) -> list[str]:
+    header = ["Subject", *(HEADERS[n] for n in PER_IMAGE_METRICS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for subject, bounds in ci.items():
+        cells = [subject]
+        for name in PER_IMAGE_METRICS:
+            pair = bounds.get(f"{name}_ci")
+            cells.append(
+                "—" if pair is None else f"{format_value(name, pair[0])}–{format_value(name, pair[1])}"
+            )
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def render_markdown(
     results: Mapping[str, Any], *, nets: str | None = None, counts: Mapping[str, int] | None = None
 ) -> str:
     """metrics.md: our table (per subject + mean), then the published rows in a separate table."""
+    results = read_results(results)
     protocol = results["protocol"]
     lines = [
         "# Image reconstruction metrics",
         "",
         f"- Protocol: `{protocol}` — {PROTOCOL_NOTES.get(protocol, protocol)}",
-        f"- Test images: {results['n_images']}",
+        f"- Protocol version: {results['protocol_version']}",
     ]
+    if results.get("protocol_options"):
+        options = ", ".join(f"{k}={v}" for k, v in results["protocol_options"].items())
+        lines.append(f"- Protocol options: {options}")
+    lines.append(f"- Test images: {results['n_images']}")
     if nets == "real":
         lines.append(
             "- Feature networks: the published weights (AlexNet, Inception v3, CLIP ViT-L/14, "
@@ -132,6 +229,16 @@ def render_markdown(
     if len(rows) > 1 or (rows and rows[0][0] != "all"):
         rows.append(("**mean**", results["mean"]))
     lines += _table(rows, "Subject", METRIC_NAMES, counts)
+    if results.get("ci"):
+        method = results.get("ci_method") or {}
+        level = method.get("level", 0.95)
+        lines += [
+            "",
+            f"{100 * level:.0f}% bootstrap intervals over images ({method.get('n_boot', '?')} resamples, "
+            f"seed {method.get('seed', '?')}):",
+            "",
+        ]
+        lines += _ci_table(results["ci"])
     lines += ["", "## Published results, for context", "", PUBLISHED_NOTE]
     if protocol != "mindeye2":
         lines.append(
@@ -145,18 +252,21 @@ def render_csv(results: Mapping[str, Any], counts: Mapping[str, int] | None = No
     """metrics.csv: one row per subject, the mean, and (mindeye2 only) the published rows."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["row", "source", "protocol", "n_images", *METRIC_NAMES])
+    writer.writerow(["row", "source", "protocol", "protocol_version", "n_images", *METRIC_NAMES])
 
     def cells(row: Mapping[str, float | None]) -> list[str]:
         return ["" if row.get(n) is None else repr(float(row[n])) for n in METRIC_NAMES]
 
-    protocol, n_images = results["protocol"], results["n_images"]
+    results = read_results(results)
+    protocol, version, n_images = results["protocol"], results["protocol_version"], results["n_images"]
     for subject, row in results["per_subject"].items():
-        writer.writerow([subject, "ours", protocol, (counts or {}).get(subject, n_images), *cells(row)])
-    writer.writerow(["mean", "ours", protocol, n_images, *cells(results["mean"])])
-    if protocol == "mindeye2":
+        writer.writerow(
+            [subject, "ours", protocol, version, (counts or {}).get(subject, n_images), *cells(row)]
+        )
+    writer.writerow(["mean", "ours", protocol, version, n_images, *cells(results["mean"])])
+    if protocol == "mindeye2":  # the paper's numbers, from MindEye2's own notebook (no version of ours)
         for method, row in PUBLISHED.items():
-            writer.writerow([method, "published", "mindeye2", 1000, *cells(row)])
+            writer.writerow([method, "published", "mindeye2", "", 1000, *cells(row)])
     return buffer.getvalue()
 
 
@@ -232,10 +342,13 @@ def log_to_tensorboard(
 __all__ = [
     "FILES",
     "PUBLISHED",
+    "comparability",
     "log_to_tensorboard",
     "make_results",
     "mean_over_subjects",
+    "read_results",
     "render_csv",
     "render_markdown",
+    "version_label",
     "write_reports",
 ]

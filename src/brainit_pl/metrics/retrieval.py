@@ -1,12 +1,15 @@
-"""MindEye's retrieval metric: find the right image for a brain embedding (and back) among 300.
+"""MindEye's retrieval metric: find the right brain embedding for an image (and back) among 300.
 
-MindEye2 (``final_evaluations``): 30 times, draw 300 test items without replacement, L2-normalise both
-sets of embeddings, take cosine similarities, and count top-1 hits; report the mean over the 30 subsets.
-"Image retrieval" (MindEye's *forward*) ranks the 300 images for each brain embedding; "brain retrieval"
-(*backward*) ranks the 300 brain embeddings for each image. MindEye2 draws the subsets with numpy's global
-random state seeded once per notebook; we draw them from ``np.random.RandomState(seed)``, so the subsets
-are reproducible but not MindEye2's exact ones, and they depend on the item order (after a multi-device
-sync the order is rank by rank).
+MindEye2 (``final_evaluations``, after ``utils.seed_everything(42)``): 30 times, draw 300 test items with
+``np.random.choice(np.arange(N), size=300, replace=False)`` from numpy's global random state, L2-normalise
+both sets of embeddings, take cosine similarities, and count top-1 hits; report the mean over the 30
+subsets. Their ``batchwise_cosine_similarity(Z, B)`` returns ``(Z @ B.T).T``, so ``fwd_sim =
+batchwise_cosine_similarity(brain, image)`` has one row per *image*, and ``topk`` scores each row: what
+MindEye2 publishes as forward or *image retrieval* is, for each image, whether its own brain embedding is
+the most similar of the 300; *brain retrieval* (backward) is, for each brain embedding, whether its own
+image is. We draw the subsets from ``np.random.RandomState(seed)`` with seed 42 by default: the legacy
+global state seeded with 42 yields the same 30 subsets, since nothing else draws from it in between, as
+long as the items come in MindEye2's order (after a multi-device sync the order is rank by rank).
 """
 
 from __future__ import annotations
@@ -22,10 +25,15 @@ from brainit_pl.metrics.image import InvalidInputError, is_empty
 
 SUBSET_SIZE = 300
 N_SUBSETS = 30
+RETRIEVAL_SEED = 42  # MindEye2's final_evaluations: utils.seed_everything(42) (its --seed default)
 
 
 def retrieval_top1(
-    brain: Tensor, image: Tensor, n_subsets: int = N_SUBSETS, subset_size: int = SUBSET_SIZE, seed: int = 0
+    brain: Tensor,
+    image: Tensor,
+    n_subsets: int = N_SUBSETS,
+    subset_size: int = SUBSET_SIZE,
+    seed: int = RETRIEVAL_SEED,
 ) -> tuple[Tensor, Tensor]:
     """Top-1 retrieval accuracy in both directions, averaged over random subsets.
 
@@ -34,10 +42,12 @@ def retrieval_top1(
         image: (N, D) image embeddings of the same items, in the same order.
         n_subsets: number of random subsets.
         subset_size: items per subset (the number of candidates).
-        seed: seed of the subset draws.
+        seed: seed of the subset draws (42: MindEye2's subsets, given its item order).
 
     Returns:
-        ``(image_retrieval, brain_retrieval)``, float64 scalars in [0, 1].
+        ``(image_retrieval, brain_retrieval)``, float64 scalars in [0, 1]: image retrieval is, for each
+        image, whether its own brain embedding is the most similar (MindEye2's forward); brain retrieval is,
+        for each brain embedding, whether its own image is (backward).
     """
     n = brain.shape[0]
     if n < subset_size:
@@ -49,13 +59,15 @@ def retrieval_top1(
     brain = F.normalize(brain.double(), dim=-1)
     image = F.normalize(image.double(), dim=-1)
     labels = torch.arange(subset_size, device=brain.device)
-    fwd, bwd = [], []
+    image_ret, brain_ret = [], []
     for _ in range(n_subsets):
         idx = torch.from_numpy(rng.choice(n, size=subset_size, replace=False)).to(brain.device)
-        sim = brain[idx] @ image[idx].T  # (300 brain, 300 image) cosine similarities
-        fwd.append((sim.argmax(dim=1) == labels).double().mean())  # brain -> image
-        bwd.append((sim.T.argmax(dim=1) == labels).double().mean())  # image -> brain
-    return torch.stack(fwd).mean(), torch.stack(bwd).mean()
+        sim = image[idx] @ brain[idx].T  # (300 image, 300 brain) cosine similarities: MindEye2's fwd_sim
+        image_ret.append(
+            (sim.argmax(dim=1) == labels).double().mean()
+        )  # each image: its own brain embedding?
+        brain_ret.append((sim.T.argmax(dim=1) == labels).double().mean())  # each brain embedding: its image?
+    return torch.stack(image_ret).mean(), torch.stack(brain_ret).mean()
 
 
 class Retrieval(Metric):
@@ -68,7 +80,7 @@ class Retrieval(Metric):
     Args:
         n_subsets: random subsets to average over (30).
         subset_size: candidates per subset (300).
-        seed: seed of the subset draws.
+        seed: seed of the subset draws (42, MindEye2's).
         **kwargs: :class:`~torchmetrics.Metric` options.
     """
 
@@ -77,7 +89,11 @@ class Retrieval(Metric):
     higher_is_better = True
 
     def __init__(
-        self, n_subsets: int = N_SUBSETS, subset_size: int = SUBSET_SIZE, seed: int = 0, **kwargs
+        self,
+        n_subsets: int = N_SUBSETS,
+        subset_size: int = SUBSET_SIZE,
+        seed: int = RETRIEVAL_SEED,
+        **kwargs,
     ) -> None:
         super().__init__(**kwargs)
         self.n_subsets, self.subset_size, self.seed = n_subsets, subset_size, seed

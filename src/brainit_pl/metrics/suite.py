@@ -24,8 +24,8 @@ from torchmetrics import Metric, MetricCollection
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.identification import CorrelationDistance, TwoWayIdentification
 from brainit_pl.metrics.image import SSIM, PixCorr
-from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, get_protocol
-from brainit_pl.metrics.retrieval import Retrieval
+from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
+from brainit_pl.metrics.retrieval import RETRIEVAL_SEED, Retrieval
 
 TWO_WAY_NETS: tuple[str, ...] = ("alexnet2", "alexnet5", "inception", "clip")
 DISTANCE_NETS: tuple[str, ...] = ("effnet", "swav")
@@ -33,16 +33,20 @@ METRIC_NAMES: tuple[str, ...] = (
     "pixcorr", "ssim", *TWO_WAY_NETS, *DISTANCE_NETS, "retrieval_image", "retrieval_brain",
 )  # fmt: skip
 HIGHER_IS_BETTER: dict[str, bool] = {name: name not in DISTANCE_NETS for name in METRIC_NAMES}
+# Metrics that are a mean over images, hence have a per-image value to bootstrap (retrieval is not).
+PER_IMAGE_METRICS: tuple[str, ...] = ("pixcorr", "ssim", *TWO_WAY_NETS, *DISTANCE_NETS)
 NET_KINDS: tuple[str, ...] = ("real", "tiny", "random")
 
 
 def build_feature_nets(
-    protocol: str = DEFAULT_PROTOCOL, nets: str = "real", weights_dir: str | os.PathLike | None = None
+    protocol: str | Protocol = DEFAULT_PROTOCOL,
+    nets: str = "real",
+    weights_dir: str | os.PathLike | None = None,
 ) -> dict[str, nn.Module]:
     """Build the six metric networks of one protocol.
 
     Args:
-        protocol: ``"mindeye2"`` or ``"braindiffuser"``.
+        protocol: ``"mindeye2"`` or ``"braindiffuser"``, or a :class:`Protocol` (e.g. with options).
         nets: ``"real"`` (weight files from the weights folder), ``"tiny"`` (random tiny twins) or
             ``"random"`` (real architectures, random weights; for benchmarks).
         weights_dir: the weights folder for ``"real"``.
@@ -55,14 +59,15 @@ def build_feature_nets(
 
     if nets not in NET_KINDS:
         raise BrainITError(f"unknown network kind {nets!r}; expected one of {', '.join(NET_KINDS)}")
+    proto = get_protocol(protocol)
     names = (*TWO_WAY_NETS, *DISTANCE_NETS)
     if nets == "real":
         for name in names:  # report a missing file before spending time building the others
-            resolve_weights(METRIC_NETS[name].weights_key, weights_dir=weights_dir)
+            resolve_weights(proto.weights_key(name, METRIC_NETS[name].weights_key), weights_dir=weights_dir)
     return {
         name: build_metric_net(
             name,
-            protocol=protocol,
+            protocol=proto,
             tiny=nets == "tiny",
             random_init=nets == "random",
             weights_dir=weights_dir,
@@ -72,25 +77,26 @@ def build_feature_nets(
 
 
 def build_eval_suite(
-    protocol: str = DEFAULT_PROTOCOL,
+    protocol: str | Protocol = DEFAULT_PROTOCOL,
     *,
     nets: str = "real",
     weights_dir: str | os.PathLike | None = None,
     feature_nets: Mapping[str, nn.Module] | None = None,
     retrieval: bool = True,
-    retrieval_seed: int = 0,
+    retrieval_seed: int = RETRIEVAL_SEED,
     **metric_kwargs,
 ) -> MetricCollection:
     """The full metric suite of one protocol.
 
     Args:
-        protocol: ``"mindeye2"`` (default) or ``"braindiffuser"``; one suite never mixes the two.
+        protocol: ``"mindeye2"`` (default) or ``"braindiffuser"``, or a :class:`Protocol` (e.g.
+            ``MindEye2Protocol(antialias=True)``); one suite never mixes protocols.
         nets: ``"real"``, ``"tiny"`` or ``"random"`` (see :func:`build_feature_nets`); ignored for the
             networks given in ``feature_nets``.
         weights_dir: the weights folder for real networks.
         feature_nets: prebuilt networks by name (``alexnet2`` ... ``swav``), e.g. to share them between suites.
         retrieval: include :class:`Retrieval` (it needs ≥ 300 items once embeddings are given).
-        retrieval_seed: seed of the retrieval subsets.
+        retrieval_seed: seed of the retrieval subsets (42, MindEye2's).
         **metric_kwargs: :class:`~torchmetrics.Metric` options for every metric (``compute_on_cpu``, ...).
 
     Returns:
@@ -101,15 +107,15 @@ def build_eval_suite(
     proto = get_protocol(protocol)
     given = dict(feature_nets or {})
     for name, net in given.items():
-        net_protocol = getattr(getattr(net, "protocol", None), "name", proto.name)
-        if net_protocol != proto.name:
+        net_protocol = getattr(net, "protocol", proto)
+        if net_protocol != proto:
             raise BrainITError(
-                f"feature network {name!r} preprocesses for protocol {net_protocol!r}, but the suite is "
-                f"{proto.name!r}; protocols are never mixed in one table"
+                f"feature network {name!r} preprocesses for {net_protocol!r}, but the suite is "
+                f"{proto!r}; protocols are never mixed in one table"
             )
     missing = [name for name in (*TWO_WAY_NETS, *DISTANCE_NETS) if name not in given]
     if missing:
-        built = build_feature_nets(proto.name, nets, weights_dir)
+        built = build_feature_nets(proto, nets, weights_dir)
         given.update({name: built[name] for name in missing})
     metrics: dict[str, Metric] = {
         "pixcorr": PixCorr(proto, **metric_kwargs),
@@ -130,4 +136,20 @@ def summarize(computed: Mapping[str, Tensor | float | None]) -> dict[str, float 
         value = computed.get(name)
         value = None if value is None else float(value)
         out[name] = None if value is None or math.isnan(value) else value
+    return out
+
+
+def per_image_values(suite: MetricCollection) -> dict[str, Tensor]:
+    """The per-image values of a suite's image metrics (:data:`PER_IMAGE_METRICS`), each (N,) float64.
+
+    Their means are the metrics; two-way identification gives, per reconstruction, the fraction of the
+    N − 1 comparisons it wins. Metrics absent from the suite, or without images, are left out.
+    """
+    out: dict[str, Tensor] = {}
+    for name in PER_IMAGE_METRICS:
+        if name in suite:
+            try:
+                out[name] = suite[name].per_image()
+            except BrainITError:  # no images were given
+                continue
     return out
