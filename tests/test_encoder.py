@@ -73,6 +73,24 @@ def test_zero_init_adapters_leave_the_backbone_unchanged(images):
         assert not torch.allclose(enc.backbone(images, adapters=enc.adapters), plain)
 
 
+def test_lora_adapters_act_on_each_block_output(images):
+    module = EncoderModule(N_VOXELS, **TINY, adapter="lora", dropout=0.0)
+    enc = module.encoder
+    assert all(a.down.bias is None and a.up.bias is None for a in enc.adapters)
+    assert all(a.scale == pytest.approx(0.01 / 7) for a in enc.adapters)
+    with torch.no_grad():  # down-projections start at zero: the frozen backbone exactly
+        torch.testing.assert_close(
+            enc.backbone(images, adapters=enc.adapters), enc.backbone(images), rtol=0, atol=0
+        )
+    # at init only the down-projections get a gradient (the up-projections see zeros)
+    module(images[:2], torch.tensor([[0, 5, 40], [3, 3, 65]])).square().sum().backward()
+    assert all(a.down.weight.grad.abs().sum() > 0 and a.up.weight.grad.abs().sum() == 0 for a in enc.adapters)
+    # the wiring (on each block's output, taps see the adapted tokens) is pinned by
+    # tests/test_encoder_adapter_reference.py against the authors' encoder
+    with pytest.raises(BrainITError, match="adapter must be one of"):
+        UniversalEncoder(N_VOXELS, **TINY, adapter="prefix")
+
+
 def test_loss_matches_hand_computation():
     pred = torch.tensor([[1.0, 0.0, 2.0], [0.0, 1.0, 1.0]])
     target = torch.tensor([[1.0, 1.0, 2.0], [0.0, -1.0, 1.0]])

@@ -11,7 +11,8 @@ Weights come from timm's Hugging Face file (``model.safetensors``) or Meta's ori
 the 37×37 position embedding of the 518² pre-training to our 16×16 grid, so the same code reads both.
 
 The encoder's trainable low-rank adapters are not part of this frozen module: pass them to
-:meth:`DINOv2Tokens.forward`, which adds ``adapters[i](x)`` to the output of block i.
+:meth:`DINOv2Tokens.forward`, which adds ``adapters[i](x)`` to the output of block i (x: the block's
+input, or its output for adapters that act on it).
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ class DINOv2Tokens(FrozenBackbone):
         Args:
             images: (B, 3, H, W) in [0, 1]; resized to 224² if needed.
             adapters: optional residual branches, one per block (or per block up to the last tap):
-                block i's output becomes ``block_i(x) + adapters[i](x)`` for its input x.
+                block i's output becomes ``block_i(x) + adapters[i](x)`` for its input x, or, for an
+                adapter with ``on_output = True`` (LoRA on the output), ``y + adapters[i](y)`` with
+                y = ``block_i(x)``. The next block and the tap see the adapted output.
 
         Returns:
             (B, L, T, D): L tapped blocks, T = 257 tokens (CLS, then patches row-major).
@@ -110,7 +113,13 @@ class DINOv2Tokens(FrozenBackbone):
         x = net.norm_pre(net.patch_drop(net._pos_embed(net.patch_embed(x))))  # (B, 1 + R + 256, D)
         taps = []
         for i, block in enumerate(net.blocks[: self.layers[-1]]):
-            x = block(x) if adapters is None else block(x) + adapters[i](x)
+            if adapters is None:
+                x = block(x)
+            elif getattr(adapters[i], "on_output", False):
+                x = block(x)
+                x = x + adapters[i](x)
+            else:
+                x = block(x) + adapters[i](x)
             if i + 1 in self.layers:
                 taps.append(x)
         tokens = torch.stack(taps, dim=1)  # (B, L, 1 + R + 256, D)

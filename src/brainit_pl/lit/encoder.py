@@ -130,7 +130,10 @@ class EncoderModule(L.LightningModule):
         token_dim: projected token width C.
         embed_dim: voxel embedding width E.
         adapter_rank: rank of the per-block adapters (0: none).
-        adapter_scale: output scale of the adapters.
+        adapter_scale: output scale of the adapters (for ``lora``: its alpha, the branch is scaled by
+            ``adapter_scale / adapter_rank``).
+        adapter: ``"parallel"`` (a GELU bottleneck beside each block) or ``"lora"`` (the authors' LoRA on
+            each block's output; :class:`~brainit_pl.models.encoder.LoRAAdapter`).
         dropout: dropout of the readout.
         voxel_chunk: voxels read out at once (bounds val/predict memory).
         lr: Adam learning rate.
@@ -157,6 +160,7 @@ class EncoderModule(L.LightningModule):
         embed_dim: int = 256,
         adapter_rank: int = 7,
         adapter_scale: float = 0.01,
+        adapter: Literal["parallel", "lora"] = "parallel",
         dropout: float = 0.25,
         voxel_chunk: int | None = 4096,
         lr: float = 1e-3,
@@ -180,6 +184,7 @@ class EncoderModule(L.LightningModule):
             embed_dim=embed_dim,
             adapter_rank=adapter_rank,
             adapter_scale=adapter_scale,
+            adapter=adapter,
             dropout=dropout,
             voxel_chunk=voxel_chunk,
             weights_dir=weights_dir,

@@ -58,19 +58,56 @@ class LowRankAdapter(nn.Module):
         return self.scale * self.up(F.gelu(self.down(x)))
 
 
+class LoRAAdapter(nn.Module):
+    """The authors' adapter: LoRA on a block's *output*, x ← x + scale · up(down(x)).
+
+    Applied after the whole block (both residual branches), on all tokens (CLS, registers, patches); the
+    next block and the tap see the adapted x. No biases, no nonlinearity; ``down`` (D → r) starts at zero,
+    so the adapted backbone equals the frozen one at the start of training, and ``up`` (r → D) gets
+    ``nn.Linear``'s default init (kaiming-uniform, a = √5). ``scale = alpha / rank`` (their rank 7,
+    alpha 0.01). In their code ``down`` is named ``lora_B`` and ``up`` ``lora_A``.
+
+    Args:
+        dim: the block's width D.
+        rank: bottleneck width r.
+        alpha: LoRA's alpha; the branch is multiplied by alpha / rank.
+    """
+
+    on_output = True  # DINOv2Tokens: x ← y + adapter(y) with y = block(x)
+
+    def __init__(self, dim: int, rank: int = 7, alpha: float = 0.01) -> None:
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)  # kaiming_uniform_(a=√5), nn.Linear's default
+        nn.init.zeros_(self.down.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N, D) block output → (B, N, D) residual added to it."""
+        return self.up(self.down(x)) * self.scale
+
+
+ADAPTERS = {"parallel": LowRankAdapter, "lora": LoRAAdapter}
+
+
 class UniversalEncoder(nn.Module):
     """Frozen DINOv2 + adapters + per-layer projections + per-voxel readout: images → voxel responses.
 
     Args:
         n_voxels: subject → voxel count V_s; global voxel ids number the subjects in sorted order.
-        backbone: DINOv2 architecture name (see :data:`~brainit_pl.backbones.dinov2.ARCHS`).
+        backbone: DINOv2 architecture name (see :data:`~brainit_pl.backbones.dinov2.ARCHS`), or a built
+            :class:`~brainit_pl.backbones.dinov2.DINOv2Tokens` (then ``tiny``, ``weights``, ``layers`` and
+            ``weights_dir`` are unused).
         tiny: use the tiny random DINOv2 twin (tests, CPU demos).
         weights: DINOv2 weight file; ``None`` = the weights folder (real) or seeded random (tiny).
         layers: tapped blocks, 1-based; ``None`` = the architecture's default.
         token_dim: width C of the projected tokens (128).
         embed_dim: voxel embedding width E (256).
         adapter_rank: rank of the per-block adapters (0 = no adapters).
-        adapter_scale: output scale of the adapters.
+        adapter_scale: output scale of the adapters; for ``lora`` it is LoRA's alpha, and the branch is
+            multiplied by ``adapter_scale / adapter_rank`` (the authors' 0.01 / 7).
+        adapter: ``"parallel"`` (:class:`LowRankAdapter`, beside each block, on its input) or ``"lora"``
+            (:class:`LoRAAdapter`, the authors' LoRA on each block's output).
         dropout: dropout on each layer's pooled vector.
         voxel_chunk: largest number of voxels read out at once; the readout costs B·V·T floats per layer,
             so long voxel lists are read out chunk by chunk (same result, bounded memory).
@@ -80,7 +117,7 @@ class UniversalEncoder(nn.Module):
     def __init__(
         self,
         n_voxels: dict[int, int],
-        backbone: str = "dinov2_vitl14_reg",
+        backbone: str | DINOv2Tokens = "dinov2_vitl14_reg",
         tiny: bool = False,
         weights: str | None = None,
         layers: Sequence[int] | None = None,
@@ -88,6 +125,7 @@ class UniversalEncoder(nn.Module):
         embed_dim: int = 256,
         adapter_rank: int = 7,
         adapter_scale: float = 0.01,
+        adapter: str = "parallel",
         dropout: float = 0.25,
         voxel_chunk: int | None = 4096,
         weights_dir: str | None = None,
@@ -101,14 +139,17 @@ class UniversalEncoder(nn.Module):
         self.total_voxels = starts[-1]
         self.voxel_chunk = voxel_chunk
 
-        self.backbone: DINOv2Tokens = build_dinov2(
-            backbone, weights, tiny=tiny, layers=layers, weights_dir=weights_dir
+        require(adapter in ADAPTERS, f"adapter must be one of {sorted(ADAPTERS)}, got {adapter!r}")
+        self.backbone: DINOv2Tokens = (
+            backbone
+            if isinstance(backbone, DINOv2Tokens)
+            else build_dinov2(backbone, weights, tiny=tiny, layers=layers, weights_dir=weights_dir)
         )
         width, n_layers = self.backbone.width, len(self.backbone.layers)
         # Adapters on every block up to the last tap: later blocks do not reach any tapped output.
         self.adapters = (
             nn.ModuleList(
-                LowRankAdapter(width, adapter_rank, adapter_scale) for _ in range(self.backbone.layers[-1])
+                ADAPTERS[adapter](width, adapter_rank, adapter_scale) for _ in range(self.backbone.layers[-1])
             )
             if adapter_rank > 0
             else None

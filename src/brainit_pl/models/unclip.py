@@ -6,14 +6,15 @@ patch tokens (width 1664) instead of text, plus the SDXL VAE. Both are built fro
 and filled from MindEye2's sgm checkpoint (:func:`load_unclip`, key conversion in :mod:`.sgm_keys`).
 
 Sampling (:class:`UnCLIPSampler`) reproduces the authors' sgm ``EulerEDMSampler`` with
-``LegacyDDPMDiscretization`` using diffusers' ``EulerDiscreteScheduler``:
+``LegacyDDPMDiscretization`` (``tests/test_unclip_reference.py`` replays a run recorded from their code):
 
-* sigmas: sgm picks train steps ``linspace(999, 0, 50, endpoint=False).astype(int)`` = 999, 979, …, 19
-  of the scaled-linear (0.00085 → 0.012) schedule; that is diffusers' ``timestep_spacing="trailing"``
-  (``"leading"`` gives 981…1, ``"linspace"`` non-integer steps). sgm computes them in float64, diffusers in
-  float32: they agree to 6e-6;
+* sigmas (:func:`legacy_ddpm_sigmas`): sgm picks train steps ``linspace(999, 0, 50, endpoint=False)
+  .astype(int)`` = 999, 979, …, 19 of the scaled-linear (0.00085 → 0.012) schedule, in float64, cast to
+  float32 before the square root. diffusers' ``EulerDiscreteScheduler`` with ``timestep_spacing="trailing"``
+  (:func:`unclip_scheduler`, used by the refinement) has the same steps but float32 betas: its sigmas are
+  off by up to 6e-6, so the sampler computes sgm's;
 * step: sgm's denoiser D(x, σ) = x − σ·ε(x/√(σ²+1), t(σ)) and Euler update x += (σ' − σ)(x − D)/σ
-  are diffusers' ``scale_model_input`` + epsilon ``step`` (``tests/test_unclip.py`` checks both on a toy ε);
+  (:func:`euler_sample`);
 * classifier-free guidance 5 with Gaussian-noise tokens as the unconditional input, on ε (sgm guides the
   denoised x, which is affine in ε with the same x, so the two are the same);
 * start: the authors' code noises the latent z to step ``start_step`` (14 of 50: 36 steps remain) as
@@ -228,6 +229,32 @@ def vector_condition(
     }
 
 
+def legacy_ddpm_sigmas(num_steps: int = NUM_STEPS) -> Tensor:
+    """sgm's ``LegacyDDPMDiscretization``: the sampler's ``num_steps`` sigmas, descending, then 0.
+
+    Betas ``linspace(√0.00085, √0.012, 1000)²`` and ᾱ = cumprod(1 − β) in float64; train steps
+    ``linspace(999, 0, num_steps, endpoint=False).astype(int)`` (999, 979, …, 19 for 50 steps);
+    σ = sqrt(float32((1 − ᾱ)/ᾱ)), the cast *before* the square root as sgm does it. diffusers'
+    ``EulerDiscreteScheduler`` has the same steps but float32 betas, and sigmas off by up to 6e-6.
+    With ``num_steps=1000`` (flipped, zero dropped) it is the denoiser's table: index = train step.
+
+    Returns:
+        (num_steps + 1,) float32.
+    """
+    steps = _legacy_ddpm_steps(num_steps)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)[steps]
+    sigmas = ((1 - alphas_cumprod) / alphas_cumprod).to(torch.float32).sqrt()  # ascending
+    return torch.cat([sigmas.flip(0), sigmas.new_zeros(1)])
+
+
+def _legacy_ddpm_steps(num_steps: int) -> Tensor:
+    """The train steps of a ``num_steps`` schedule, ascending (sgm's generate_roughly_equally_spaced_steps)."""
+    import numpy as np
+
+    return torch.from_numpy(np.linspace(999, 0, num_steps, endpoint=False).astype(int)[::-1].copy())
+
+
 def euler_sample(
     predict_noise: Callable[[Tensor, Tensor], Tensor],
     latents: Tensor,
@@ -236,30 +263,76 @@ def euler_sample(
     num_steps: int = NUM_STEPS,
     start_step: int = 0,
     progress: bool = False,
+    callback: Callable[[int, Tensor], None] | None = None,
 ) -> Tensor:
     """Noise ``latents`` to step ``start_step`` of a ``num_steps`` schedule, then run the remaining steps.
 
+    sgm's ``EulerEDMSampler`` (no churn) over :func:`legacy_ddpm_sigmas` with its ``DiscreteDenoiser``:
+    x = latents + σ_start·noise; at each step the network sees x/√(σ²+1) and the train step of σ, the
+    denoised estimate is D = x − σ·ε, and x ← x + (σ' − σ)(x − D)/σ.
+
     Args:
-        predict_noise: (scaled sample (B, C, h, w), train timestep) → ε (B, C, h, w).
+        predict_noise: (scaled sample (B, C, h, w), train timestep (a 0-d float tensor)) → ε (B, C, h, w).
         latents: (B, C, h, w) clean latents (or N(0, 1) noise for a start from scratch).
         noise: (B, C, h, w) noise added with the start sigma.
         num_steps: steps of the full schedule.
         start_step: steps skipped (0: all run).
         progress: show a progress bar over the steps.
+        callback: ``callback(i, x)`` with the latents entering step i (i = start_step, …, num_steps; the
+            last call gets the result).
 
     Returns:
         (B, C, h, w) float32 denoised latents.
     """
     require(0 <= start_step < num_steps, f"start_step must be in [0, {num_steps}), got {start_step}")
-    scheduler = unclip_scheduler()
-    scheduler.set_timesteps(num_steps, device=latents.device)
-    scheduler.set_begin_index(start_step)
-    x = latents.float() + noise.float() * scheduler.sigmas[start_step]
-    steps = scheduler.timesteps[start_step:]
-    for t in tqdm(steps, desc="unCLIP", unit="step", leave=False, disable=None if progress else True):
-        eps = predict_noise(scheduler.scale_model_input(x, t), t).float()
-        x = scheduler.step(eps, t, x).prev_sample
+    sigmas = legacy_ddpm_sigmas(num_steps).tolist()  # Python floats: exact float32 values, any device
+    steps = _legacy_ddpm_steps(num_steps).flip(0).tolist()  # descending, steps[i] is the train step of σ_i
+    x = latents.float() + noise.float() * sigmas[start_step]
+    for i in tqdm(
+        range(start_step, num_steps),
+        desc="unCLIP",
+        unit="step",
+        leave=False,
+        disable=None if progress else True,
+    ):
+        if callback is not None:
+            callback(i, x)
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        t = torch.tensor(float(steps[i]), device=x.device)
+        eps = predict_noise(x / (sigma**2 + 1.0) ** 0.5, t).float()
+        denoised = x + eps * -sigma  # EpsScaling: c_skip 1, c_out −σ
+        x = x + (sigma_next - sigma) * ((x - denoised) / sigma)
+    if callback is not None:
+        callback(num_steps, x)
     return x
+
+
+def _draw_source(
+    draws: Callable[[str, tuple[int, ...]], Tensor] | None,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> Callable[[str, tuple[int, ...]], Tensor]:
+    """``randn(site, shape, dtype=float32)`` → standard-normal draws on ``device``: replayed or from ``generator``."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    def randn(site: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
+        if draws is not None:
+            return draws(site, shape).to(device, dtype).reshape(shape)
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+    return randn
+
+
+def vector_embedding(unet: UNet2DConditionModel, added_cond_kwargs: dict[str, Tensor]) -> Tensor:
+    """The vector the UNet's ``text_time`` embedding MLP receives (sgm's ``y``), from its ``added_cond_kwargs``.
+
+    Returns:
+        (B, projection_class_embeddings_input_dim): the pooled-text part, then the sinusoidal embeddings
+        ([cos | sin]) of the ``time_ids`` in order.
+    """
+    time_ids, text = added_cond_kwargs["time_ids"], added_cond_kwargs["text_embeds"]
+    embeds = unet.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
+    return torch.cat([text.to(embeds.dtype), embeds], dim=-1)
 
 
 class UnCLIPSampler:
@@ -303,7 +376,13 @@ class UnCLIPSampler:
 
     @torch.no_grad()
     def __call__(
-        self, tokens: Tensor, init_images: Tensor | None = None, *, generator: torch.Generator | None = None
+        self,
+        tokens: Tensor,
+        init_images: Tensor | None = None,
+        *,
+        generator: torch.Generator | None = None,
+        draws: Callable[[str, tuple[int, ...]], Tensor] | None = None,
+        callback: Callable[[int, Tensor], None] | None = None,
     ) -> Tensor:
         """Sample one image per token set.
 
@@ -311,12 +390,16 @@ class UnCLIPSampler:
             tokens: (B, T, D) CLIP patch tokens (T = 256, D = the UNet's cross-attention width).
             init_images: optional (B, 3, H, W) images in [0, 1] (the DIP output), resized to ``image_size``.
             generator: seeds the VAE sample, the unconditional tokens and the noise.
+            draws: replaces the standard-normal draws: ``draws(site, shape)``, called in this order with the
+                sites ``"posterior"`` (the VAE sample, with an init image) or ``"latents"`` (without),
+                ``"uncond"`` (the unconditional tokens), ``"noise"`` and ``"offset"`` ((B, 1, 1, 1)).
+                A recorded run can be replayed through it. ``generator`` is then unused.
+            callback: ``callback(i, x)`` with the latents entering schedule step i, and the final ones
+                (see :func:`euler_sample`).
 
         Returns:
             (B, 3, image_size, image_size) float32 images in [0.5 − contrast/2, 0.5 + contrast/2].
         """
-        from diffusers.utils.torch_utils import randn_tensor
-
         unet, device = self.unet, self.unet.device
         width = unet.config.cross_attention_dim
         require(
@@ -324,23 +407,24 @@ class UnCLIPSampler:
             f"expected tokens (B, T, {width}), got {tuple(tokens.shape)}",
         )
         batch = tokens.shape[0]
+        randn = _draw_source(draws, generator, device)
         if init_images is None:  # from scratch: z ~ N(0, 1) and all steps (the authors' start_step = 0)
             side = self.image_size // self.latent_factor
             shape = (batch, unet.config.in_channels, side, side)
-            latents, start = randn_tensor(shape, generator=generator, device=device), 0
+            latents, start = randn("latents", shape), 0
         else:
             require(
                 init_images.ndim == 4 and init_images.shape[:2] == (batch, 3),
                 f"expected init images ({batch}, 3, H, W) for {batch} token sets, "
                 f"got {tuple(init_images.shape)}",
             )
-            latents, start = self.encode(init_images, generator=generator), self.start_step
+            latents, start = self.encode(init_images, generator=generator, draws=draws), self.start_step
         tokens = tokens.to(device, unet.dtype)
-        uncond = randn_tensor(tokens.shape, generator=generator, device=device, dtype=tokens.dtype)
+        uncond = randn("uncond", tuple(tokens.shape), tokens.dtype)
         context = torch.cat([uncond, tokens])  # (2B, T, D): unconditional first, as sgm's guider
         added = vector_condition(unet, 2 * batch, device=device)
-        noise = randn_tensor(latents.shape, generator=generator, device=device)
-        noise = noise + self.offset_noise * randn_tensor((batch, 1, 1, 1), generator=generator, device=device)
+        noise = randn("noise", tuple(latents.shape))
+        noise = noise + self.offset_noise * randn("offset", (batch, 1, 1, 1))
 
         def predict_noise(x: Tensor, t: Tensor) -> Tensor:
             x2 = torch.cat([x, x]).to(unet.dtype)  # (2B, C, h, w)
@@ -349,13 +433,28 @@ class UnCLIPSampler:
             return eps_u + self.guidance_scale * (eps_c - eps_u)
 
         latents = euler_sample(
-            predict_noise, latents, noise, num_steps=self.num_steps, start_step=start, progress=self.progress
+            predict_noise,
+            latents,
+            noise,
+            num_steps=self.num_steps,
+            start_step=start,
+            progress=self.progress,
+            callback=callback,
         )
-        return (self.decode(latents) - 0.5) * self.contrast + 0.5
+        return ((self.decode(latents) - 0.5) * self.contrast + 0.5).clamp(0, 1)
 
     @torch.no_grad()
-    def encode(self, images: Tensor, *, generator: torch.Generator | None = None) -> Tensor:
-        """(B, 3, H, W) images in [0, 1] → (B, 4, h, w) float32 scaled latents: a posterior sample, as sgm."""
+    def encode(
+        self,
+        images: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+        draws: Callable[[str, tuple[int, ...]], Tensor] | None = None,
+    ) -> Tensor:
+        """(B, 3, H, W) images in [0, 1] → (B, 4, h, w) float32 scaled latents: a posterior sample, as sgm.
+
+        ``draws("posterior", shape)``, if given, replaces the standard-normal draw of the sample.
+        """
         require(
             images.min() >= 0 and images.max() <= 1,
             f"init images must be in [0, 1], got [{images.min():.3g}, {images.max():.3g}]",
@@ -365,7 +464,13 @@ class UnCLIPSampler:
         if tuple(x.shape[-2:]) != (size, size):  # the authors' plain bilinear resize (DIP 224² → 256²)
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
         posterior = vae.encode((x * 2 - 1).to(vae.dtype)).latent_dist
-        return posterior.sample(generator=generator).float() * vae.config.scaling_factor
+        if draws is None:
+            sample = posterior.sample(generator=generator)
+        else:  # mean + std · n, std = exp(logvar / 2) with logvar clamped to [−30, 20]
+            sample = posterior.mean + posterior.std * draws("posterior", tuple(posterior.mean.shape)).to(
+                posterior.mean
+            )
+        return sample.float() * vae.config.scaling_factor
 
     @torch.no_grad()
     def decode(self, latents: Tensor) -> Tensor:

@@ -30,7 +30,7 @@ per-image dense one and ``batch=1`` is faster; with several, the larger batched 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +163,47 @@ class SkipNet(nn.Module):
         return batched
 
 
+def skipnet_state_from_dip(state: dict[str, Tensor], scales: int = 3) -> dict[str, Tensor]:
+    """A single :class:`SkipNet`'s state dict from one of the original DIP code's ``skip`` network.
+
+    The original builds its network with ``Module.add``, which names children ``"1"``, ``"2"``, …; each
+    conv is a ``Sequential(padding, Conv2d)``; a scale is ``Concat(skip, deeper)`` (children ``0``, ``1``),
+    BatchNorm, 3×3 conv, BatchNorm, act, 1×1 conv, BatchNorm, act, and the next scale sits in ``deeper``
+    at index 7, after its two down convs. The final 1×1 conv is ``9``.
+
+    Args:
+        state: the original network's ``state_dict()``.
+        scales: its number of scales.
+
+    Returns:
+        The same tensors under this module's names (for ``SkipNet(...).load_state_dict``).
+    """
+    names = {"9.1.": "head."}
+    theirs, ours = "", "body."
+    for _ in range(scales):
+        for a, b in (
+            ("1.0.1.1.", "skip.0."),
+            ("1.0.2.", "skip.1."),
+            ("1.1.1.1.", "down.0.0."),
+            ("1.1.2.", "down.0.1."),
+            ("1.1.4.1.", "down.1.0."),
+            ("1.1.5.", "down.1.1."),
+            ("2.", "merge_norm."),
+            ("3.1.", "up.0.0."),
+            ("4.", "up.0.1."),
+            ("6.1.", "up.1.0."),
+            ("7.", "up.1.1."),
+        ):
+            names[theirs + a] = ours + b
+        theirs, ours = theirs + "1.1.7.", ours + "inner."
+    out = {}
+    for key, value in state.items():
+        prefix = next((p for p in names if key.startswith(p) and key.count(".") == p.count(".")), None)
+        require(prefix is not None, f"unexpected key {key!r} in a DIP skip network state dict")
+        out[names[prefix] + key[len(prefix) :]] = value
+    return out
+
+
 def invert_vgg_tokens(
     targets: Tensor | Sequence[Tensor],
     vgg_tokens: VGGTokens,
@@ -182,8 +223,8 @@ def invert_vgg_tokens(
 
     Image i gets its own :class:`SkipNet`, initialised under seed ``seed + i`` together with its fixed
     input (uniform noise × ``noise_scale``) and its jitter stream, so a result does not depend on
-    ``batch``. Each step: input + N(0, jitter²) → image → VGG16-BN (resized to 112² by the VGG's own
-    preprocessing, as when the targets were made) → loss = mean over the 5 maps of the MSE to the target
+    ``batch``. Each step (:func:`fit_dip`): input + N(0, jitter²) → image → VGG16-BN (after a bicubic
+    anti-aliased resize to 112², :func:`dip_resize`) → loss = mean over the 5 maps of the MSE to the target
     maps → Adam. The result is the exponential moving average (``ema``) of the outputs over the steps.
     Runs on the targets' device, in float32 for float16/bfloat16/float32 targets (Adam on half-precision
     weights is unstable) and in float64 for float64 targets (which makes runs comparable exactly).
@@ -273,25 +314,85 @@ def _invert_chunk(
             inputs.append(torch.rand(config.in_channels, image_size, image_size) * noise_scale)
             stream_seed = int(torch.randint(2**62, ()))
         streams.append(torch.Generator(device).manual_seed(stream_seed))
-    # train mode throughout, as in the original: BatchNorm normalises with each image's own statistics
-    model = SkipNet.stack(nets).to(device, dtype).train()
+    model = SkipNet.stack(nets).to(device, dtype)
     z = torch.stack(inputs).to(device, dtype)  # (n, C_in, S, S), fixed
+
+    def noise(step: int) -> Tensor:  # image i's jitter comes from its own stream
+        return torch.stack(
+            [torch.randn(z.shape[1:], generator=g, device=device, dtype=dtype) for g in streams]
+        )
+
+    def report(step: int, out: Tensor, losses: Tensor, average: Tensor) -> None:
+        bar.update(1)
+        if step % 50 == 0 or step == steps - 1:  # .item() waits for the GPU: not at every step
+            bar.set_postfix(loss=f"{losses.mean().item():.4g}", refresh=False)
+
+    return fit_dip(
+        model, z, maps, vgg, steps=steps, lr=lr, jitter=jitter, ema=ema, noise=noise, callback=report
+    )
+
+
+def dip_resize(images: Tensor, size: int) -> Tensor:
+    """The DIP output resized for the VGG: bicubic, anti-aliased, ``align_corners=False``, as the authors'
+    low-level reconstruction does it. (B, 3, H, W) → (B, 3, size, size); a no-op at that size."""
+    if images.shape[-2:] == (size, size):
+        return images
+    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+
+
+def fit_dip(
+    model: SkipNet,
+    z: Tensor,
+    maps: Sequence[Tensor],
+    vgg: VGGFeatures,
+    *,
+    steps: int,
+    lr: float = 1e-3,
+    jitter: float = 1 / 30,
+    ema: float = 0.99,
+    noise: Callable[[int], Tensor] | None = None,
+    callback: Callable[[int, Tensor, Tensor, Tensor], None] | None = None,
+) -> Tensor:
+    """Optimise a DIP network (in place) so that the VGG maps of its images match ``maps``.
+
+    The loop of the original: at step s the input is ``z + jitter · noise(s)``; the image goes through
+    :func:`dip_resize` to the VGG's side, ImageNet normalisation and the VGG; the loss is the mean over the
+    maps of the MSE (mean reduction) to the targets; one Adam step (torch defaults, learning rate ``lr``).
+    The network stays in train mode throughout: every forward pass, the first included, normalises with
+    BatchNorm *batch* statistics. The output average is ``out`` after the first step, then
+    ``ema · average + (1 − ema) · out``.
+
+    Args:
+        model: the network (on z's device and dtype); its weights are updated.
+        z: (n, C_in, S, S) the fixed input (one per network of ``model``).
+        maps: the target maps [(n, C_i, H_i, W_i)].
+        vgg: the frozen VGG returning the maps.
+        steps: Adam steps.
+        lr: Adam learning rate.
+        jitter: std of the input noise.
+        ema: weight of the running average in the output average.
+        noise: ``noise(step)`` → a standard-normal draw shaped like ``z`` (default: ``torch.randn_like(z)``);
+            a recorded sequence can be replayed through it.
+        callback: ``callback(step, out, losses, average)`` after each step, with the step's images
+            (n, 3, S, S) (detached), per-image losses (n,) and the running average.
+
+    Returns:
+        (n, 3, S, S) the output average, clamped to [0, 1].
+    """
+    model.train()  # as in the original: BatchNorm normalises with each image's own statistics
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     average = None
     for step in range(steps):
-        noise = torch.stack(
-            [torch.randn(z.shape[1:], generator=g, device=device, dtype=dtype) for g in streams]
-        )
-        out = model(z + jitter * noise)  # (n, 3, S, S)
-        losses = _feature_losses(vgg(out), maps)  # (n,)
+        draw = torch.randn_like(z) if noise is None else noise(step).to(z)
+        out = model(z + jitter * draw)  # (n, 3, S, S)
+        losses = _feature_losses(vgg(dip_resize(out, vgg.image_size)), maps)  # (n,)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()  # a sum, not a mean: each network gets exactly its own image's gradient
         optimizer.step()
         out = out.detach()
-        average = out.clone() if average is None else average.lerp_(out, 1.0 - ema)
-        bar.update(1)
-        if step % 50 == 0 or step == steps - 1:  # .item() waits for the GPU: not at every step
-            bar.set_postfix(loss=f"{losses.mean().item():.4g}", refresh=False)
+        average = out.clone() if average is None else average.mul_(ema).add_(out, alpha=1.0 - ema)
+        if callback is not None:
+            callback(step, out, losses.detach(), average)
     return average.clamp_(0.0, 1.0)
 
 
