@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from brainit_pl.recon.sgm_keys import sgm_to_diffusers
-from brainit_pl.recon.unclip import UnCLIPSampler, legacy_ddpm_sigmas, vector_condition, vector_embedding
+
+from brainit_pl.models.sgm_keys import sgm_to_diffusers
+from brainit_pl.models.unclip import UnCLIPSampler, legacy_ddpm_sigmas, vector_condition, vector_embedding
 
 DATA = Path(__file__).parent / "data"
 

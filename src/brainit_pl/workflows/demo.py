@@ -10,9 +10,11 @@ Steps (each skipped when its output exists, so re-running is cheap; every comman
 5. synthetic fMRI of external images for every subject, and their CLIP cache;
 6. for each branch (semantic, low-level): the BIT, the MindEye2-style baseline and ridge, trained on the
    same data and targets (``configs/sim/*.yaml``), each best-val checkpoint tested on the shared images;
-7. ``reconstruct`` (low-level BIT → DIP, semantic BIT → unCLIP; tiny random unCLIP: its images do not
-   look like anything) with the tiny metric networks;
-8. the report ``OUT/report/``: ``metrics.md`` / ``metrics.json`` (per reconstruction stage),
+7. stage 2 (``configs/sim/stage2_demo.yaml``): the semantic BIT and the tiny unCLIP UNet fine-tuned together;
+8. ``reconstruct`` as the paper does it — low-level BIT → DIP, then the stage-2 model → unCLIP (stage
+   ``semantic``) — and the ablation stage-1 BIT + stock tiny unCLIP (``semantic_stock``), with the tiny
+   metric networks;
+9. the report ``OUT/report/``: ``metrics.md`` / ``metrics.json`` (per reconstruction stage),
    ``reconstructions.png``, ``clusters.png``, ``summary.json`` (the science in numbers).
 
 Every model is a tiny twin and the data is simulated: the numbers check the pipeline and the method's
@@ -81,7 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--anatomical-bit", action="store_true", help="also train the BITs on anatomical clusters (ablation)"
     )
-    parser.add_argument("--no-reconstruct", action="store_true", help="stop after the feature models")
+    parser.add_argument("--stage2-epochs", type=int, default=3, help="epochs of stage 2 [3]")
+    parser.add_argument(
+        "--no-reconstruct", action="store_true", help="stop after the feature models (no stage 2)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,7 +183,8 @@ class Demo:
                     store, branch, "bit_anatomical", "bit", clusters["anatomical"],
                     external if a.n_external > 0 else None)  # fmt: skip
         if "bit" in a.models and not a.no_reconstruct:
-            self._reconstruct(store, ckpts["lowlevel/bit"], ckpts["semantic/bit"])
+            stage2 = self._stage2(store, ckpts["semantic/bit"])
+            self._reconstruct(store, ckpts["lowlevel/bit"], stage2, ckpts["semantic/bit"])
         self._report(store)
         return self.summary
 
@@ -288,16 +294,30 @@ class Demo:
             row[f"{branch}_test_{name}"] = tested.get(f"test/{name}", [None])[-1]
         return ckpt
 
-    def _reconstruct(self, store: Path, lowlevel: Path, semantic: Path) -> None:
+    def _stage2(self, store: Path, semantic: Path) -> Path:
+        """Stage 2: the semantic BIT and the tiny unCLIP UNet fine-tuned together (the demo's adapted CLIP)."""
+        run = self.out / "stage2" / "fit"
+
+        def fit() -> None:
+            self.sh("fit", "--config", str(CONFIGS / "sim" / "stage2_demo.yaml"), "--data.store", str(store),
+                    "--model.init_args.bit_checkpoint", str(semantic), "--trainer.default_root_dir", str(run),
+                    "--trainer.max_epochs", str(self.args.stage2_epochs))  # fmt: skip
+            (run / "done").write_text("ok\n")
+
+        self.step("stage 2", run / "done", fit)
+        return best_checkpoint(run)
+
+    def _reconstruct(self, store: Path, lowlevel: Path, stage2: Path, semantic: Path) -> None:
         folder = self.out / "reconstruct"
         a = self.args
         # No --overwrite: an interrupted reconstruct run resumes where it stopped.
         self.step("reconstruct", folder / "metrics_semantic" / "metrics.json", lambda: self.sh(
             "reconstruct", "--store", str(store), "--out", str(folder), "--lowlevel", str(lowlevel),
-            "--semantic", str(semantic), "--tiny-unclip", "--nets", "tiny", "--limit", str(a.recon_images),
-            "--dip-steps", str(a.dip_steps), "--dip-channels", "16", "--dip-batch", "8", "--batch-size", "8",
-            "--device", "cpu"))  # fmt: skip
-        names = {"lowlevel": "low_level", "semantic": "semantic", "refined": "refined"}
+            "--stage2", str(stage2), "--semantic-stock", str(semantic), "--tiny-unclip", "--nets", "tiny",
+            "--limit", str(a.recon_images), "--dip-steps", str(a.dip_steps), "--dip-channels", "16",
+            "--dip-batch", "8", "--batch-size", "8", "--device", "cpu"))  # fmt: skip
+        names = {"lowlevel": "low_level", "semantic": "semantic", "semantic_stock": "semantic_stock"}
+        names["refined"] = "refined"
         self.summary["recon"] = {
             names[stage]: json.loads((folder / f"metrics_{stage}" / "metrics.json").read_text())["mean"]
             for stage in names
@@ -318,7 +338,7 @@ class Demo:
             "md",
             "json",
         ):  # the final stage's report (semantic) as metrics.*; each stage beside it
-            for stage in ("lowlevel", "semantic"):
+            for stage in ("lowlevel", "semantic", "semantic_stock"):
                 src = recon / f"metrics_{stage}" / f"metrics.{suffix}"
                 if src.exists():
                     shutil.copyfile(src, report / f"metrics_{stage}.{suffix}")

@@ -305,10 +305,13 @@ class TransferDemo(Demo):
         """S's first ``--recon-images`` test images, with the options the transfer command is given."""
         a = self.args
         argv = ["reconstruct", "--store", str(self.store), "--out", str(folder), "--seed", str(a.seed)]
-        argv += ["--lowlevel", str(ckpts["lowlevel"]), "--semantic", str(ckpts["semantic"]), *RECON]
+        # no stage 2 in this demo: its semantic images are the stage-1 ablation for every variant alike
+        argv += ["--lowlevel", str(ckpts["lowlevel"]), "--semantic-stock", str(ckpts["semantic"]), *RECON]
         argv += ["--nets", "tiny", "--limit", str(a.recon_images), "--dip-steps", str(a.dip_steps)]
         argv += ["--subjects", str(self.subject)]
-        self.step(f"{name} reconstruct", folder / "metrics_semantic" / "metrics.json", lambda: self.sh(*argv))
+        self.step(
+            f"{name} reconstruct", folder / "metrics_semantic_stock" / "metrics.json", lambda: self.sh(*argv)
+        )
 
     def score(self, name: str, path: Path, ckpts: dict[str, Path], kind: str = "bit") -> dict[str, float]:
         """S's held-out feature prediction (``transfer_report.FEATURES``), kept in ``path``."""

@@ -41,8 +41,18 @@ FEATURES: dict[str, str] = {
 }
 FEATURE_HEADERS = dict(zip(FEATURES, ("CLIP cos↑", "CLIP 2-way↑", "VGG 2-way↑")))
 # reconstruct's stage folders → the stage names of the demo's summary.json (recon.low_level, ...)
-STAGES: dict[str, str] = {"lowlevel": "low_level", "semantic": "semantic", "refined": "refined"}
-TITLES = {"low_level": "low-level (DIP)", "semantic": "semantic (unCLIP)", "refined": "refined (SDXL)"}
+STAGES: dict[str, str] = {
+    "lowlevel": "low_level",
+    "semantic": "semantic",
+    "semantic_stock": "semantic_stock",
+    "refined": "refined",
+}
+TITLES = {
+    "low_level": "low-level (DIP)",
+    "semantic": "semantic (stage-2 unCLIP)",
+    "semantic_stock": "semantic (stage-1 BIT, stock unCLIP: ablation)",
+    "refined": "refined (SDXL)",
+}
 RATIOS = (("transfer", "all_data"), ("transfer", "scratch"))
 
 

@@ -11,16 +11,17 @@ were trained without S. Only S's voxel embeddings are learned, everything else s
 5. lowlevel    rows (``--init nn``) or random; AdamW lr 5e-4, 50 epochs, 1 real : 3 synthetic samples
 6. stage2      S's rows of the stage-2 BIT (diffusion loss through the frozen UNet), lr 1e-5; from the base
                stage-2 model with ``--stage2``, else from the pretrained unCLIP (``--epochs-stage2 0``: off)
-7. reconstruct S's shared test images through `brainit-pl reconstruct`, scored
+7. reconstruct S's shared test images through `brainit-pl reconstruct`, scored: with the stage-2 model
+               of step 6 (stage ``semantic``, the method), or, when stage 2 is off, with the stage-1 BIT and
+               the stock unCLIP (stage ``semantic_stock``, the "without adapted CLIP" ablation)
 
 OUT/<step>/ holds each step's output (checkpoints, TensorBoard logs under OUT/<step>/tb) and its
 ``result.json`` (settings, metrics, seconds), written last: a re-run skips finished steps (a finished step
 made with other settings is refused; an interrupted training step starts over). OUT/summary.json gathers the
 metrics and timings. The checkpoints load on their own: OUT/encoder/encoder.ckpt is an EncoderModule of the
 base subjects + S (what ``synthesize-fmri`` reads), OUT/semantic|lowlevel/*.ckpt are BITModules with the
-clusters OUT/v2c/clusters.npz (what ``reconstruct`` reads), OUT/stage2/stage2.ckpt a Stage2Module with
-OUT/stage2/semantic.ckpt (its adapted BIT as a BITModule) and, from a base stage-2 model, OUT/stage2/unclip.ckpt
-(its UNet as an sgm checkpoint). Training data settings (voxels per sample, batch size, ...) are the base
+clusters OUT/v2c/clusters.npz (what ``reconstruct`` reads), OUT/stage2/stage2.ckpt a Stage2Module (what
+``reconstruct --stage2`` reads) with OUT/stage2/semantic.ckpt (its adapted BIT as a BITModule). Training data settings (voxels per sample, batch size, ...) are the base
 runs' (from their checkpoints), with S's data only; trainings run on one device.
 
 examples:
@@ -229,12 +230,6 @@ def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
     with atomic_path(folder / "semantic.ckpt") as tmp:
         torch.save(bit.checkpoint_dict(), tmp)
     result["semantic"] = str(folder / "semantic.ckpt")
-    if a.stage2 is not None:  # the base stage 2 fine-tuned the UNet: reconstruction samples with it
-        from brainit_pl.models.sgm_keys import save_sgm_checkpoint
-
-        with atomic_path(folder / "unclip.ckpt") as tmp:
-            save_sgm_checkpoint(tmp, module.unet.cpu(), module.vae.cpu())
-        result["unclip"] = str(folder / "unclip.ckpt")
     return result
 
 
@@ -242,11 +237,11 @@ def _reconstruct_step(plan: Plan, folder: Path, stage2: dict | None) -> dict:
     from brainit_pl.recon.reconstruct import reconstruct
 
     a = plan.args
-    results = reconstruct(
+    results = reconstruct(  # the method with stage 2; without it, only the ablation can run
         a.store, folder, lowlevel=plan.out / "lowlevel" / "lowlevel.ckpt",
-        semantic=Path(stage2["semantic"]) if stage2 else plan.out / "semantic" / "semantic.ckpt",
-        unclip=Path(stage2["unclip"]) if stage2 and "unclip" in stage2 else a.unclip,
-        tiny_unclip=plan.tiny_unclip, refine=a.refine, tiny_refine=a.tiny_refine, subjects=[a.subject],
+        stage2=Path(stage2["checkpoint"]) if stage2 else None,
+        semantic_stock=None if stage2 else plan.out / "semantic" / "semantic.ckpt",
+        unclip=a.unclip, tiny_unclip=plan.tiny_unclip, refine=a.refine, tiny_refine=a.tiny_refine, subjects=[a.subject],
         limit=a.limit, dip_steps=a.dip_steps, dip_batch=a.dip_batch, dip_channels=a.dip_channels,
         nets=a.nets, weights_dir=a.weights_dir, device=a.device, seed=a.seed,
     )  # fmt: skip
