@@ -125,3 +125,15 @@ class Checkpoints(NamedTuple):
     lowlevel: Path
     semantic: Path  # stage 1
     stage2: Path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of many tiny ops: on the shared 2-core machine two threads that wait for
+    each other at every op were ~70× slower than one."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

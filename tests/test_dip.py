@@ -9,17 +9,9 @@ from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.image import pearson_rows, rgb_to_gray, ssim_gray
 from brainit_pl.recon.dip import SkipConfig, SkipNet, _feature_losses, invert_vgg_tokens
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
 SMALL = SkipConfig(channels=8)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tests run many tiny ops: on the shared 2-core machine, two threads that wait for each other
-    at every op made them ~10-100× slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,8 @@ from torchvision.models.vgg import make_layers
 from brainit_pl.backbones.vgg import TAPS, VGGFeatures, VGGTokens
 from brainit_pl.recon.dip import SkipConfig, SkipNet, dip_resize, fit_dip, skipnet_state_from_dip
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
 REF = Path(__file__).parent / "data" / "dip_reference.npz"
 
 
@@ -49,14 +51,6 @@ def skipnet(ref):
     net = SkipNet(config)
     net.load_state_dict(skipnet_state_from_dip(group(ref, "dip/weights/"), config.scales))
     return net
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_first_forward_pass_uses_batch_statistics(ref):

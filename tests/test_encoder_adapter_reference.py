@@ -17,6 +17,8 @@ import torch
 from brainit_pl.backbones.dinov2 import DINOv2Tokens, _timm_format
 from brainit_pl.models.encoder import UniversalEncoder
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
 REF = Path(__file__).parent / "data" / "encoder_adapter_reference.npz"
 
 
@@ -88,14 +90,6 @@ def build(ref, config, lora_scale=None):
         for adapter in encoder.adapters:
             adapter.scale = lora_scale
     return encoder.eval()
-
-
-@pytest.fixture(autouse=True)
-def threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 TOL = 1e-10

@@ -15,7 +15,18 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
     shutil.copytree(tiny_store, store)
     out = tmp_path / "demo"
     args = ["demo", "--store", str(store), "--out", str(out), "--encoder-epochs", "1", "--bit-epochs", "1"]
-    args += ["--clusters", "4", "--n-external", "16", "--recon-images", "2", "--dip-steps", "2"]
+    args += [
+        "--clusters",
+        "4",
+        "--n-external",
+        "16",
+        "--recon-images",
+        "2",
+        "--dip-steps",
+        "2",
+        "--stage2-epochs",
+        "1",
+    ]
     assert main(args) == 0
     summary = json.loads((out / "report" / "summary.json").read_text())
     assert 0 < summary["noise_ceiling"] < 1
@@ -25,7 +36,10 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
         assert (
             summary[model]["semantic_val_cos"] is not None and summary[model]["lowlevel_val_2way"] is not None
         )
-    assert {"low_level", "semantic"} <= set(summary["recon"])
+    assert {"low_level", "semantic", "semantic_stock", "linear_baseline"} <= set(summary["recon"])
+    for stage in ("low_level", "semantic", "semantic_stock", "linear_baseline"):
+        low, high = summary["recon"][stage]["pixcorr_ci"]
+        assert low <= summary["recon"][stage]["pixcorr"] <= high, stage
     assert (out / "report" / "reconstructions.png").is_file() and (out / "report" / "metrics.json").is_file()
     # Every step is skipped the second time.
     timings = summary["timings_s"]

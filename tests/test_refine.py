@@ -24,6 +24,8 @@ from brainit_pl.recon.refine import (
     refine,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
 SIZE = 64  # the tiny twin's stand-in for 768²: an 8 × 8 latent
 SDXL_BASE_SCHEDULER = {  # stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json
     "_class_name": "EulerDiscreteScheduler",
@@ -82,15 +84,6 @@ def save_sdxl_single_file(pipe, path):
     state.update(open_clip_text_state(pipe.text_encoder_2, "conditioner.embedders.1.model."))
     save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are all overhead: on a shared 2-core machine, intra-op threads make them ~15× slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -15,19 +15,11 @@ from brainit_pl.lit.stage2 import Stage2Module, ddpm_scheduler, diffusion_noise
 from brainit_pl.models.unclip import build_unclip_unet
 from test_fit import DIST_VARS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
 CONFIGS = Path(__file__).parents[1] / "configs" / "sim"
 N_VOXELS = {1: 367, 2: 356}  # the tiny store's subjects
 SHORT = ("--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1", "--data.batch_size", "4")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: on the shared 2-core machine two threads that wait for each other at every op were
-    ~70× slower than one (as in tests/test_dip.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _scalars(root) -> dict[str, list[float]]:

@@ -21,6 +21,8 @@ from brainit_pl.lit.encoder import EncoderModule
 from brainit_pl.models.encoder import VoxelRows, grow_voxel_table, move_voxel_ids, voxel_offsets
 from brainit_pl.models.v2c import load_clusters
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
 CONFIGS = Path(__file__).parents[1] / "configs"
 BASE = {1: 367}  # the tiny store's subject 1: the base models' voxel table
 TABLE = {1: 367, 2: 356}  # after adding subject 2
@@ -30,15 +32,6 @@ LOWLEVEL = (
     *("--model.init_args.target_shape", "null", "--model.init_args.tokens_per_scale", "[8,8,4,4,2]"),
     *("--data.features", "[]", "--data.image_sizes", "[112]"),
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny ops: one torch thread is much faster than two that wait for each other (tests/test_dip.py)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fit(config: str, store: Path, root: Path, *extra: str) -> Path:

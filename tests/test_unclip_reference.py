@@ -18,6 +18,8 @@ import yaml
 from brainit_pl.models.sgm_keys import sgm_to_diffusers
 from brainit_pl.models.unclip import UnCLIPSampler, legacy_ddpm_sigmas, vector_condition, vector_embedding
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one torch thread
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -81,14 +83,6 @@ def models(ref):
     unet.load_state_dict(unet_state, strict=True)
     vae.load_state_dict(vae_state, strict=True)
     return unet.requires_grad_(False), vae.requires_grad_(False)
-
-
-@pytest.fixture(autouse=True)
-def threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_sigmas_are_sgm_legacy_ddpm(ref):

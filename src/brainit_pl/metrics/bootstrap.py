@@ -78,6 +78,31 @@ def bootstrap_ci(
     return _percentile_interval(means, level)
 
 
+def stratified_bootstrap_ci(
+    groups: Sequence[Sequence[float] | np.ndarray | Tensor],
+    n_boot: int = N_BOOT,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> tuple[float, float]:
+    """Percentile interval of the mean over groups (subjects) of each group's mean over its images.
+
+    Each resample draws every subject's images with replacement within that subject, so the interval is the
+    one of the number the tables report (the mean over subjects), whatever the subjects' image counts.
+
+    Args:
+        groups: per subject, (N_s,) one value per test image.
+        n_boot, level, seed: as :func:`bootstrap_ci` (subject s uses the seed ``seed + s``).
+    """
+    _check(n_boot, level)
+    arrays = [_as_array(g, f"group {i}") for i, g in enumerate(groups)]
+    if not arrays:
+        raise ValueError("stratified_bootstrap_ci needs at least one group")
+    means = np.mean(
+        [a[resample_indices(a.size, n_boot, seed + i)].mean(axis=1) for i, a in enumerate(arrays)], axis=0
+    )  # (n_boot,)
+    return _percentile_interval(means, level)
+
+
 @dataclass(frozen=True)
 class PairedComparison:
     """The difference of two systems scored on the same images (``a − b``).
@@ -157,4 +182,5 @@ __all__ = [
     "bootstrap_ci",
     "paired_bootstrap",
     "resample_indices",
+    "stratified_bootstrap_ci",
 ]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError
+from brainit_pl.files import atomic_write_text
 from brainit_pl.metrics import bootstrap
 from brainit_pl.metrics.folders import RECON_KINDS, discover, load_embeddings, load_images
 from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
@@ -152,7 +153,7 @@ def evaluate_folders(
     proto = get_protocol(protocol) if antialias is None else get_protocol(protocol, antialias=antialias)
     sets = discover(recons, gt, kind)  # every folder problem surfaces before any compute
     suite = build_eval_suite(proto, nets=nets, weights_dir=weights_dir, retrieval_seed=seed).to(dev)
-    per_subject, counts, ci = {}, {}, {}
+    per_subject, counts, ci, per_image = {}, {}, {}, {}
     for eval_set in sets:
         suite.reset()
         names = eval_set.names
@@ -167,10 +168,11 @@ def evaluate_folders(
             suite.update(brain_embeds=brain.to(dev), image_embeds=image.to(dev))
         per_subject[eval_set.subject] = summarize(suite.compute())
         counts[eval_set.subject] = len(names)
+        per_image[eval_set.subject] = (names, per_image_values(suite))
         if n_boot > 0:
             ci[eval_set.subject] = {
                 name: bootstrap.bootstrap_ci(values, n_boot=n_boot, level=ci_level, seed=ci_seed)
-                for name, values in per_image_values(suite).items()
+                for name, values in per_image[eval_set.subject][1].items()
             }
     n_images = len({(eval_set.gt_dir, name) for eval_set in sets for name in eval_set.names})
     ci_method = {
@@ -187,4 +189,36 @@ def evaluate_folders(
         ci_method=ci_method,
         options={"retrieval_seed": seed, "retrieval_subsets": "30 x 300"},
     )
-    return results, write_reports(out, results, nets=nets, counts=counts)
+    if n_boot > 0 and per_image:  # the interval of the mean over subjects, the tables' number
+        metrics = set.intersection(*(set(values) for _, values in per_image.values()))
+        results["mean_ci"] = {
+            f"{name}_ci": list(
+                bootstrap.stratified_bootstrap_ci(
+                    [values[name] for _, values in per_image.values()],
+                    n_boot=n_boot,
+                    level=ci_level,
+                    seed=ci_seed,
+                )
+            )
+            for name in sorted(metrics)
+        }
+    files = write_reports(out, results, nets=nets, counts=counts)
+    files["per_image"] = write_per_image(out / "per_image.csv", per_image)
+    return results, files
+
+
+def write_per_image(path: Path, per_image: dict[str, tuple[list[str], dict]]) -> Path:
+    """``subject,image,<metric>...`` rows: the per-image values behind each mean (for paired comparisons)."""
+    import csv
+    import io
+
+    metrics = sorted({name for _, values in per_image.values() for name in values})
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["subject", "image", *metrics])
+    for subject, (names, values) in per_image.items():
+        for i, name in enumerate(names):
+            row = [float(values[m][i]) if m in values else "" for m in metrics]
+            writer.writerow([subject, name, *row])
+    atomic_write_text(path, buffer.getvalue())
+    return path

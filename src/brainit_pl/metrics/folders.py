@@ -30,7 +30,7 @@ from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.retrieval import SUBSET_SIZE
 
 SUBJECT_DIR = re.compile(r"^subj\d\d$")
-RECON_KINDS: tuple[str, ...] = ("lowlevel", "semantic", "refined")
+RECON_KINDS: tuple[str, ...] = ("lowlevel", "semantic", "semantic_stock", "refined")
 DEFAULT_KIND = "refined"
 EMBEDDINGS_FILE = "embeddings.npz"
 

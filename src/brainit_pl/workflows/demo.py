@@ -185,6 +185,7 @@ class Demo:
         if "bit" in a.models and not a.no_reconstruct:
             stage2 = self._stage2(store, ckpts["semantic/bit"])
             self._reconstruct(store, ckpts["lowlevel/bit"], stage2, ckpts["semantic/bit"])
+            self._linear_baseline(store)
         self._report(store)
         return self.summary
 
@@ -319,10 +320,28 @@ class Demo:
         names = {"lowlevel": "low_level", "semantic": "semantic", "semantic_stock": "semantic_stock"}
         names["refined"] = "refined"
         self.summary["recon"] = {
-            names[stage]: json.loads((folder / f"metrics_{stage}" / "metrics.json").read_text())["mean"]
+            names[stage]: stage_metrics(folder / f"metrics_{stage}" / "metrics.json")
             for stage in names
             if (folder / f"metrics_{stage}" / "metrics.json").exists()
         }
+
+    def _linear_baseline(self, store: Path) -> None:
+        """The linear pixel decoder (configs/demo.yaml) on the reconstructed images: ``recon.linear_baseline``."""
+        from brainit_pl.workflows.baseline import linear_stage
+
+        run, folder = self.out / "linear" / "fit", self.out / "reconstruct"
+
+        def fit() -> None:
+            self.sh("fit", "--config", str(CONFIGS / "demo.yaml"), "--data.store", str(store),
+                    "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false")  # fmt: skip
+            (run / "done").write_text("ok\n")
+
+        self.step("linear baseline", run / "done", fit)
+        metrics = folder / "metrics_linear" / "metrics.json"
+        self.step(
+            "linear baseline scores", metrics, lambda: linear_stage(best_checkpoint(run), store, folder)
+        )
+        self.summary.setdefault("recon", {})["linear_baseline"] = stage_metrics(metrics)
 
     def _report(self, store: Path) -> None:
         report = self.out / "report"
@@ -353,6 +372,12 @@ class Demo:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def stage_metrics(path: Path) -> dict[str, Any]:
+    """A metrics.json's means over subjects, each with its 95 % bootstrap interval as ``<metric>_ci``."""
+    results = json.loads(path.read_text())
+    return {**results["mean"], **results.get("mean_ci", {})}
+
+
 def best_checkpoint(run: Path) -> Path:
     """A fit folder's checkpoint as the demo picks it (also for transfer-demo): the best-validation one, else ``last.ckpt``."""
     best = sorted(p for p in run.rglob("*.ckpt") if p.name != "last.ckpt")
