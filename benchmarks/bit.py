@@ -1,7 +1,7 @@
 """BIT training speed and peak memory: the memory-efficient Brain Tokenizer against the dense one.
 
 One training step = forward + loss + backward + AdamW step on random data of the real shapes
-(BRAINIT.md §4–5): 128 clusters, --voxels sampled voxels per example (with replacement, from one random
+(docs/method.md §4–§5): 128 clusters, --voxels sampled voxels per example (with replacement, from one random
 subject of --subjects, each with --voxels voxels: the voxel table has subjects × voxels rows), and
 
 * semantic BIT: all 256 queries decoded to 1664-d, MSE;
@@ -40,7 +40,7 @@ import sys
 import time
 
 VARIANTS = ("dense", "efficient", "efficient+ckpt")
-TOKENS_PER_SCALE = (512, 512, 128, 64, 16)  # sampled VGG positions per scale, BRAINIT.md §5
+TOKENS_PER_SCALE = (512, 512, 128, 64, 16)  # sampled VGG positions per scale, docs/method.md §5
 SCALE_SIZES = (56 * 56, 55 * 55, 28 * 28, 14 * 14, 7 * 7)  # the 7,190 VGG tokens, scale by scale
 QUICK_TOKENS_PER_SCALE = (8, 8, 4, 2, 1)
 QUICK_SCALE_SIZES = (30, 30, 20, 10, 5)

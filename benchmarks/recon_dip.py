@@ -5,7 +5,7 @@ Both modes run :func:`~brainit_pl.recon.dip.invert_vgg_tokens` on the same targe
 have the real shapes: the 224² "skip" DIP (32 → 128 channels, 3 scales) and VGG16-BN at 112² — the tiny
 twin by default, which has the real architecture, so the cost is the real one (``--weights`` loads a
 VGG16-BN file instead). Targets are the tokens of random images. A 1-step run of each mode first warms
-up (lazy initialisation, cuDNN autotuning) and is not timed. The per-image time at BRAINIT.md's 1,800
+up (lazy initialisation, cuDNN autotuning) and is not timed. The per-image time at the method's 1,800
 steps is extrapolated from ``--steps``.
 
 usage:

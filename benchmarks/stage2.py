@@ -10,7 +10,7 @@ constructor would read a stage-1 checkpoint and MindEye2's weights from disk).
 Two trainable sets, each in a fresh process so that peaks do not mix:
 
 * ``all``: BIT and UNet learn (stage 2 of a base model);
-* ``voxel_embed``: only the BIT's voxel table (the transfer of a new subject, BRAINIT.md §7); gradients
+* ``voxel_embed``: only the BIT's voxel table (the transfer of a new subject, docs/method.md §7); gradients
   still flow through the frozen UNet.
 
 usage:

@@ -303,7 +303,7 @@ def test_real_preset_sizes_on_meta_device():
         lowlevel = BIT(BIT_LOWLEVEL, np.zeros(1000, dtype=np.int64))
     assert semantic.voxel_embed.shape == lowlevel.voxel_embed.shape == (1000, 512)
     assert len(semantic.blocks) == 5 and len(semantic.block_crosses) == 6
-    # BRAINIT.md §4: ~35M (semantic) / ~38M (low-level) besides the voxel table
+    # docs/method.md §4: ~35M (semantic) / ~38M (low-level) besides the voxel table
     assert count_parameters(semantic) == 35_188_352
     assert count_parameters(lowlevel) == 38_147_584
 

@@ -33,7 +33,7 @@ def expected_parameters(c_in: int, c: int, s: int, scales: int, out: int = 3) ->
 
 
 def test_skipnet_matches_the_described_architecture():
-    net = SkipNet()  # BRAINIT.md §6: input depth 32, 3 scales, 128 channels, 2 skip channels
+    net = SkipNet()  # docs/method.md §6: input depth 32, 3 scales, 128 channels, 2 skip channels
     assert sum(p.numel() for p in net.parameters()) == expected_parameters(32, 128, 2, 3)
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)]
     assert len(convs) == 9 and all(m.padding_mode == "reflect" for m in convs)

@@ -80,7 +80,7 @@ def test_real_size_defaults():
     assert out.shape == (2, 7)
     assert model.feat_embed.shape == (256, 640) and model.pos_embed.shape == (257, 256)
     assert model.mlp[0].fc1.weight.shape == (512, 128)
-    # BRAINIT.md §2: e_v initialised as N(0, 1) · 0.1 / 32
+    # docs/method.md §2: e_v initialised as N(0, 1) · 0.1 / 32
     assert model.voxel_embed.std().item() == pytest.approx(0.1 / 32, rel=0.1)
 
 

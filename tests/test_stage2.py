@@ -114,7 +114,7 @@ def test_resume_continues_exactly(bit_store, bit_ckpt, one_epoch, tmp_path):
 
 
 def test_voxel_embed_only_changes_the_voxel_table_in_16_mixed(bit_store, bit_ckpt, tmp_path):
-    # The transfer variant (BRAINIT.md §7), in the real config's precision (the VAE runs outside autocast).
+    # The transfer variant (docs/method.md §7), in the real config's precision (the VAE runs outside autocast).
     extra = ("--model.init_args.trainable", "voxel_embed", "--trainer.max_epochs", "1")
     extra += ("--trainer.precision", "16-mixed")
     assert _stage2(bit_store, bit_ckpt, tmp_path, *extra) == 0

@@ -1,4 +1,4 @@
-"""OpenCLIP ViT patch tokens: the semantic targets and unCLIP conditioning (BRAINIT.md §5).
+"""OpenCLIP ViT patch tokens: the semantic targets and unCLIP conditioning (docs/method.md §5).
 
 ``build_clip()`` gives the vision tower of OpenCLIP ViT-bigG-14 (laion2b_s39b_b160k) as a frozen module
 mapping images in [0, 1] to the 256 patch tokens × 1664 of its last layer (after ``ln_post``, before the

@@ -1,4 +1,4 @@
-"""DINOv2 ViT-L/14 with registers: the Universal Brain Encoder's image backbone (BRAINIT.md §2).
+"""DINOv2 ViT-L/14 with registers: the Universal Brain Encoder's image backbone (docs/method.md §2).
 
 ``build_dinov2()`` gives timm's ``vit_large_patch14_reg4_dinov2`` at 224² as a frozen module mapping images
 in [0, 1] (ImageNet-normalised inside) to the tokens of the tapped blocks [1, 6, 12, 18, 24] with the 4

@@ -1,4 +1,4 @@
-"""VGG16-BN feature maps and the low-level tokens made from them (BRAINIT.md §5, §6.1).
+"""VGG16-BN feature maps and the low-level tokens made from them (docs/method.md §5, §6.1).
 
 ``build_vgg()`` gives torchvision's VGG16-BN ``features`` up to relu5_3 as a frozen module mapping images
 in [0, 1] to the five maps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 (``features`` indices 5, 12, 22,
@@ -55,7 +55,7 @@ class TokenRule:
     repeat: int
 
 
-# BRAINIT.md §5: relu1_2 2×2 patches stride 2, ×2; relu2_2 2×2 patches stride 1; relu3_3 per position, ×2;
+# docs/method.md §5: relu1_2 2×2 patches stride 2, ×2; relu2_2 2×2 patches stride 1; relu3_3 per position, ×2;
 # relu4_3 and relu5_3 per position. With VGG16-BN's channels every scale gives 512-wide tokens.
 VGG_TOKEN_RULES = (
     TokenRule(kernel=2, stride=2, repeat=2),

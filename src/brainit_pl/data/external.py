@@ -1,7 +1,7 @@
 """External training samples: images with synthetic fMRI (``brainit-pl synthesize-fmri``) for the NSDDataModule.
 
 Brain-IT trains its BITs on the NSD training images plus unlabeled external images, each paired, at every
-draw, with the Universal Encoder's predicted fMRI of a randomly chosen subject (BRAINIT.md §1, §7).
+draw, with the Universal Encoder's predicted fMRI of a randomly chosen subject (docs/method.md §1, §7).
 :class:`ExternalData` opens such a folder for the DataModule's subjects, checks that it fits the store, draws
 the (image, subject) pair of each external slot and reads its rows;
 :class:`~brainit_pl.data.datasets.BatchDataset` mixes them into the training batches.

@@ -1,4 +1,4 @@
-"""Where each file of a raw NSD release lives, relative to the NSD root (see shared NSD.md).
+"""Where each file of a raw NSD release lives, relative to the NSD root (see data/README.md).
 
 One place for the paths, so the simulator (which writes the layout) and the reader (which reads it)
 cannot drift apart. Nothing here touches the disk.

@@ -1,4 +1,4 @@
-"""Read a raw NSD release (real or simulated: the same layout, see shared NSD.md and ``layout.py``).
+"""Read a raw NSD release (real or simulated: the same layout, see data/README.md and ``layout.py``).
 
 What it gives the ``prepare`` job, one session at a time:
 

@@ -3,7 +3,7 @@
 Nothing here reads betas; it works on a subject's trial table (the ``trials/*`` fields of the store,
 see :mod:`brainit_pl.data.store`), so every rule below is testable on a few numpy arrays.
 
-Rules (BRAINIT.md §1, NSD.md):
+Rules (docs/method.md §1, data/README.md):
 
 * **test** = every trial whose image is in the shared set (``trials/shared``), from *all* sessions in
   the store, whatever ``hours`` says: that is how the published limited-data (1 h) numbers are measured.

@@ -1,4 +1,4 @@
-"""fsaverage surface betas: the second input kind (the Brain-IT authors' choice, see shared BRAINIT.md §1).
+"""fsaverage surface betas: the second input kind (the Brain-IT authors' choice, see docs/method.md §1).
 
 NSD ships single-trial betas resampled to FreeSurfer's fsaverage surface, one MGH file per hemisphere
 and session (``NSDLayout.betas_mgh``): shape (163842, 1, 1, 750), float32, already in percent signal

@@ -1,6 +1,6 @@
 """Synthetic fMRI for external images: the trained Universal Encoder predicts every voxel of every subject.
 
-Brain-IT trains on ~120k unlabeled COCO images paired with the encoder's predicted fMRI (BRAINIT.md §1).
+Brain-IT trains on ~120k unlabeled COCO images paired with the encoder's predicted fMRI (docs/method.md §1).
 This job writes that set: the external images into OUT/images.h5 (the store's image format, 224² and 112²,
 external ids 0 .. N-1) and, per subject of the encoder checkpoint, OUT/fmri_subjNN.h5 with (N, V_s) float16
 betas (layout: brainit_pl/data/synthetic_store.py). OUT defaults to STORE/synthetic.

@@ -2,7 +2,7 @@
 
 Why it exists: it is the floor every Brain-IT number must beat, and the smallest real model that
 exercises the whole training path (store → NSDDataModule → multi-subject batches → DDP → checkpoints)
-before the BITs arrive. It uses the same input convention as the BIT (BRAINIT.md §4): each voxel v of
+before the BITs arrive. It uses the same input convention as the BIT (docs/method.md §4): each voxel v of
 every subject owns a learned embedding e_v, a sample is a set of (voxel id, activation) pairs, and the
 voxels are pooled as mean_v(x_v · e_v). With no attention, this is a per-subject linear map from voxels
 to a D-dim code (rank ≤ D), followed by a shared linear read-out of the image pixels.

@@ -1,4 +1,4 @@
-"""Stage-1 training of the two BITs (BRAINIT.md §4–§5): fMRI → CLIP tokens (semantic) or VGG tokens (low-level).
+"""Stage-1 training of the two BITs (docs/method.md §4–§5): fMRI → CLIP tokens (semantic) or VGG tokens (low-level).
 
 One LightningModule for both branches and for the MindEye2-style baseline that predicts the same targets:
 
@@ -78,7 +78,7 @@ class BITModule(L.LightningModule):
         tokens_per_scale: low-level token positions drawn per image and scale.
         positions: ``"per_image"``: every image draws its own positions; ``"shared"``: one draw per batch, the
             same positions for every image, so each token's in-batch negatives include the same position of
-            every other image (BRAINIT.md leaves this open; see docs/bit.md for why it matters).
+            every other image (the paper leaves this open; see docs/bit.md for why it matters).
         vgg_weights: VGG16-BN weight file (``None``: the weights folder, or random for the tiny twin).
         tiny_vgg: use the tiny VGG twin (the real architecture with seeded random weights).
         vgg_slim: channel divisor of the tiny VGG twin (the demo uses 8: tokens 512/8 wide, ~64× cheaper).
@@ -92,7 +92,7 @@ class BITModule(L.LightningModule):
         quality_every_n_epochs: compute ``val/clip_cos`` or ``val/vgg_2way`` every N epochs (always at test).
         seed: seed of the low-level position draws.
         trainable: ``"all"`` or ``"voxel_embed"``: only the BIT's voxel table trains (transfer to a new
-            subject, BRAINIT.md §7); everything else has ``requires_grad=False`` and stays out of the optimizer.
+            subject, docs/method.md §7); everything else has ``requires_grad=False`` and stays out of the optimizer.
         voxel_subjects: with ``"voxel_embed"``, only these subjects' rows train; the others keep zero
             gradients and no weight decay (:class:`~brainit_pl.models.encoder.VoxelRows`). ``None``: all rows.
     """

@@ -1,4 +1,4 @@
-"""The trained Brain-IT as one LightningModule, for ``brainit-pl test`` and ``predict`` (paper §6).
+"""The trained Brain-IT as one LightningModule, for ``brainit-pl test`` and ``predict`` (docs/method.md §6).
 
 It wraps what the two training stages produced — the low-level BIT and the stage-2 model (the adapted
 semantic BIT with its fine-tuned unCLIP UNet), which share the V2C clusters and the voxel table — and,

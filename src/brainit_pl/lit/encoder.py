@@ -1,4 +1,4 @@
-"""Training the Universal Brain Encoder (BRAINIT.md §2): the LightningModule and its voxel metrics.
+"""Training the Universal Brain Encoder (docs/method.md §2): the LightningModule and its voxel metrics.
 
 Training: every sample is one image with k randomly drawn voxels of its subject (the DataModule's
 ``voxels_per_sample``; subjects mix within a batch, all subjects train jointly); each image is shifted by a
@@ -142,7 +142,7 @@ class EncoderModule(L.LightningModule):
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience in epochs.
         trainable: ``"all"`` (adapters, projections, readout) or ``"voxel_embed"`` (only the voxel table;
-            transfer to a new subject, BRAINIT.md §7: everything else has ``requires_grad=False`` and stays
+            transfer to a new subject, docs/method.md §7: everything else has ``requires_grad=False`` and stays
             out of the optimizer).
         voxel_subjects: with ``"voxel_embed"``, only these subjects' rows of the table train (the others
             keep zero gradients, :class:`~brainit_pl.models.encoder.VoxelRows`); ``None``: every row.

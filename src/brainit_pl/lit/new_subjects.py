@@ -1,4 +1,4 @@
-"""New subjects for a trained BIT: the base checkpoint's weights with rows for the new voxels (paper §7).
+"""New subjects for a trained BIT: the base checkpoint's weights with rows for the new voxels (docs/method.md §7).
 
 Behind :meth:`brainit_pl.lit.bit.BITModule.transfer_from` (``brainit-pl transfer``).
 """

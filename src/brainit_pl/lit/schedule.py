@@ -1,4 +1,4 @@
-"""The stage-1 learning-rate schedule of both BITs (BRAINIT.md §5).
+"""The stage-1 learning-rate schedule of both BITs (docs/method.md §5).
 
 Epoch e < W (W = 15 warm-up epochs) trains at lr · (f0 + (1 − f0)(e / W)³) with f0 = 1e-3; from epoch W on,
 ReduceLROnPlateau (×0.1 after 5 epochs without a better validation loss).

@@ -1,4 +1,4 @@
-"""Stage 2, "adapted CLIP" (BRAINIT.md §5, §7): the semantic BIT and the unCLIP UNet fine-tuned together.
+"""Stage 2, "adapted CLIP" (docs/method.md §5, §7): the semantic BIT and the unCLIP UNet fine-tuned together.
 
 The stage-1 semantic BIT's tokens replace the CLIP tokens as the UNet's cross-attention context, and both
 are trained end to end with the standard ε-prediction diffusion loss; the VAE stays frozen. This is the
@@ -316,7 +316,7 @@ class Stage2Module(L.LightningModule):
     def init_from_stage2(self, checkpoint: str | Path) -> None:
         """Start from a stage-2 checkpoint of fewer subjects: its UNet, its BIT, its subjects' voxel rows.
 
-        A new subject's transfer (BRAINIT.md §7) continues the base model's stage 2: every weight comes from
+        A new subject's transfer (docs/method.md §7) continues the base model's stage 2: every weight comes from
         ``checkpoint`` except the voxel rows of the subjects it does not have, which keep what this module
         loaded from ``bit_checkpoint`` (the transferred stage-1 BIT).
 

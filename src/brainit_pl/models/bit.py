@@ -1,4 +1,4 @@
-"""BIT, the Brain Interaction Transformer (BRAINIT.md §4): fMRI voxels → brain tokens → image features.
+"""BIT, the Brain Interaction Transformer (docs/method.md §4): fMRI voxels → brain tokens → image features.
 
 1. Voxel tokens: t_v = x_v · e_v, a learned embedding per global voxel scaled by its activation.
 2. Brain Tokenizer: one token per functional cluster k, pooled from the voxels of k by single-head graph
@@ -71,7 +71,7 @@ class BITConfig:
 
 
 BIT_SEMANTIC = BITConfig(n_out=256, out_dim=1664)  # 256 × 1664 OpenCLIP ViT-bigG/14 patch tokens
-BIT_LOWLEVEL = BITConfig(n_out=7190, out_dim=512)  # 7,190 × 512 VGG16-BN tokens (BRAINIT.md §5)
+BIT_LOWLEVEL = BITConfig(n_out=7190, out_dim=512)  # 7,190 × 512 VGG16-BN tokens (docs/method.md §5)
 BIT_TINY = BITConfig(dim=32, n_clusters=8, n_heads=4, n_self=2, n_out=10, out_dim=12)  # tests, CPU
 BIT_REFERENCE = BITConfig(dim=32, n_clusters=5, n_heads=4, n_self=2, n_out=6, out_dim=7)  # the npz's sizes
 PRESETS: dict[str, BITConfig] = {
@@ -176,7 +176,7 @@ class BIT(nn.Module):
         labels = torch.as_tensor(labels, dtype=torch.long)
         self.config, d = config, config.dim
         self.register_buffer("cluster_of_voxel", labels, persistent=False)
-        # BRAINIT.md §4: e_v ~ N(0, 1) · 0.1 / (2√D).
+        # docs/method.md §4: e_v ~ N(0, 1) · 0.1 / (2√D).
         self.voxel_embed = nn.Parameter(torch.randn(len(labels), d) * (0.1 / (2 * math.sqrt(d))))
         # (choice) cluster embeddings and output queries: truncated normal, std 0.02, as ViT embeddings.
         self.centers = nn.Parameter(nn.init.trunc_normal_(torch.empty(config.n_clusters, d), std=0.02))
@@ -249,7 +249,7 @@ class BIT(nn.Module):
     def init_voxels_from(self, target_ids: Tensor, source_ids: Tensor) -> None:
         """Copy voxel embeddings from source rows to target rows, e_target ← e_source.
 
-        Initialises a new subject's voxels from their nearest reference voxels (BRAINIT.md §3, §7), which
+        Initialises a new subject's voxels from their nearest reference voxels (docs/method.md §3, §7), which
         trains better than the random init. The cluster of each voxel is not touched: it comes from V2C
         (the same nearest neighbour) through ``cluster_of_voxel`` at construction.
 

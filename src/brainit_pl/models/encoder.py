@@ -1,4 +1,4 @@
-"""The Universal Brain Encoder: image → the fMRI response of every voxel of every subject (BRAINIT.md §2).
+"""The Universal Brain Encoder: image → the fMRI response of every voxel of every subject (docs/method.md §2).
 
 A frozen DINOv2 ViT-L/14-reg (:func:`~brainit_pl.backbones.dinov2.build_dinov2`) gives the tokens of the
 tapped blocks [1, 6, 12, 18, 24] (registers dropped: 257 tokens). Small trainable low-rank adapters run
@@ -15,7 +15,7 @@ checkpoint holds it as ``encoder.voxel_embed.weight``; the V2C clustering reads 
 The end of this module is about that layout, shared by the encoder and both BITs: :func:`voxel_offsets`,
 :func:`move_voxel_ids` and :func:`grow_voxel_table` add a subject to a table (its rows go where its sorted
 position puts them, so the rows of later subjects shift), and :class:`VoxelRows` trains only some subjects'
-rows (transfer to a new subject, BRAINIT.md §7).
+rows (transfer to a new subject, docs/method.md §7).
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ def grow_voxel_table(
 
 
 class VoxelRows:
-    """Train only the rows of some subjects of a voxel table (a new subject, BRAINIT.md §7).
+    """Train only the rows of some subjects of a voxel table (a new subject, docs/method.md §7).
 
     Two things move the other rows of the same Parameter: their gradient (zero when a batch holds none of
     their voxels, but nothing guarantees that) and AdamW's decoupled weight decay p ← p·(1 − lr·wd), which

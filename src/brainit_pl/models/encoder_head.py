@@ -1,4 +1,4 @@
-"""The Universal Brain Encoder's per-voxel readout (BRAINIT.md §2).
+"""The Universal Brain Encoder's per-voxel readout (docs/method.md §2).
 
 Every voxel v owns an embedding e_v. For each tapped backbone layer, the voxel queries that layer's tokens
 with its own attention (query from e_v, keys from the tokens plus a positional embedding, softmax without
@@ -78,7 +78,7 @@ class VoxelReadout(nn.Module):
             n_voxels > 0 and n_layers > 0 and n_tokens > 0, "VoxelReadout needs voxels, layers and tokens"
         )
         self.n_layers, self.n_tokens, self.token_dim = n_layers, n_tokens, token_dim
-        # BRAINIT.md §2: e_v ~ N(0, 1) · 0.1 / (2 · 16).
+        # docs/method.md §2: e_v ~ N(0, 1) · 0.1 / (2 · 16).
         self.voxel_embed = nn.Parameter(torch.randn(n_voxels, embed_dim) * (0.1 / (2 * 16)))
         # (choice) F and the positional embedding: truncated normal, std 0.02, as ViT embeddings.
         self.feat_embed = nn.Parameter(

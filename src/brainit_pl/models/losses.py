@@ -1,4 +1,4 @@
-"""Stage-1 losses of the two BITs (BRAINIT.md §5).
+"""Stage-1 losses of the two BITs (docs/method.md §5).
 
 - Semantic BIT: MSE on all 256 × 1664 CLIP tokens.
 - Low-level BIT: symmetric InfoNCE per VGG scale on the sampled token positions, with raw dot-product

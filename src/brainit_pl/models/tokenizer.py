@@ -1,4 +1,4 @@
-"""The Brain Tokenizer's graph attention (BRAINIT.md §4): one token per V2C cluster, pooled from its voxels.
+"""The Brain Tokenizer's graph attention (docs/method.md §4): one token per V2C cluster, pooled from its voxels.
 
 Written as a segment softmax in plain torch over the voxel-embedding table, without materialising the
 (B, V, D) voxel tokens (:class:`ClusterGraphAttention`; the dense form is kept for tests and benchmarks).

@@ -1,4 +1,4 @@
-"""The unCLIP stage: MindEye2's SDXL-unCLIP through diffusers (BRAINIT.md §6 step 2).
+"""The unCLIP stage: MindEye2's SDXL-unCLIP through diffusers (docs/method.md §6.2).
 
 The model is an SDXL-base ``UNet2DConditionModel`` whose cross-attention reads 256 OpenCLIP ViT-bigG
 patch tokens (width 1664) instead of text, plus the SDXL VAE. Both are built from configs in code

@@ -1,4 +1,4 @@
-"""Reconstructions while a model trains and when it is tested (paper §6), in TensorBoard and on disk.
+"""Reconstructions while a model trains and when it is tested (docs/method.md §6), in TensorBoard and on disk.
 
 Attach to a run (``trainer.callbacks`` in the config). What the chain is made of depends on the module:
 

@@ -1,4 +1,4 @@
-"""The reconstruction chain of one batch (paper §6): low-level BIT → DIP, stage 2 → unCLIP, SDXL refinement.
+"""The reconstruction chain of one batch (docs/method.md §6): low-level BIT → DIP, stage 2 → unCLIP, SDXL refinement.
 
 The method samples the semantic stage with the **stage-2** model: its adapted BIT predicts the tokens and its
 fine-tuned UNet reads them (stage ``semantic``). Stage-1 semantic BIT + the *stock* unCLIP UNet is the

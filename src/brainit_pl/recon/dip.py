@@ -1,4 +1,4 @@
-"""Deep Image Prior inversion of the low-level tokens (BRAINIT.md §6 step 1).
+"""Deep Image Prior inversion of the low-level tokens (docs/method.md §6.1).
 
 A DIP network (Ulyanov et al. 2018, their "skip" encoder-decoder) maps a fixed noise input to an image,
 and its weights are optimised until the VGG16-BN features of that image match target feature maps: the
@@ -44,7 +44,7 @@ from brainit_pl.errors import require
 
 @dataclass(frozen=True)
 class SkipConfig:
-    """Shape of the DIP "skip" network (BRAINIT.md §6: input depth 32, 3 scales, 128 channels, 2 skip).
+    """Shape of the DIP "skip" network (docs/method.md §6: input depth 32, 3 scales, 128 channels, 2 skip).
 
     Attributes:
         in_channels: depth of the noise input.
@@ -219,7 +219,7 @@ def invert_vgg_tokens(
     net: SkipConfig = SkipConfig(),
     progress: bool = True,
 ) -> Tensor:
-    """Images whose VGG16-BN features match the targets, by Deep Image Prior (BRAINIT.md §6 step 1).
+    """Images whose VGG16-BN features match the targets, by Deep Image Prior (docs/method.md §6.1).
 
     Image i gets its own :class:`SkipNet`, initialised under seed ``seed + i`` together with its fixed
     input (uniform noise × ``noise_scale``) and its jitter stream, so a result does not depend on

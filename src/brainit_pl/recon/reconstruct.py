@@ -1,4 +1,4 @@
-"""``brainit-pl reconstruct``: the shared test images from fMRI, stage by stage (BRAINIT.md §6).
+"""``brainit-pl reconstruct``: the shared test images from fMRI, stage by stage (docs/method.md §6).
 
 For every test image of every subject (repeats averaged, all voxels):
 

@@ -1,4 +1,4 @@
-"""The optional SDXL refinement: img2img over the unCLIP images (BRAINIT.md §6 step 3).
+"""The optional SDXL refinement: img2img over the unCLIP images (docs/method.md §6.3).
 
 A diffusers ``StableDiffusionXLImg2ImgPipeline`` run as the authors' ``enhance_recons`` (brainit-fmri
 ``utils/diffusion_utils.py``, adapted from MindEye2's ``enhanced_recon_inference.ipynb``, which prompts with

@@ -1,4 +1,4 @@
-"""A new subject from little data (paper §7): ``brainit-pl transfer`` and ``transfer-demo``.
+"""A new subject from little data (docs/method.md §7): ``brainit-pl transfer`` and ``transfer-demo``.
 
 * :mod:`.run`: the ``transfer`` job (embeddings, V2C by nearest neighbour, BITs, stage 2, reconstruction);
   :mod:`.plan`: its plumbing (steps, data tables, fitting one module).

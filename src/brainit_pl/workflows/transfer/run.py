@@ -1,4 +1,4 @@
-"""Add a new subject S to trained base models from little data (BRAINIT.md §3, §7).
+"""Add a new subject S to trained base models from little data (docs/method.md §3, §7).
 
 The base models (Universal Encoder, V2C clusters, semantic and low-level BITs, optionally the stage-2 model)
 were trained without S. Only S's voxel embeddings are learned, everything else stays bit-identical:
