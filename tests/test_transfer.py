@@ -114,11 +114,12 @@ def test_outputs_summary_and_standalone_checkpoints(transferred):
     assert -1 <= summary["recon"]["semantic"]["pixcorr"] <= 1
     for step in ("encoder", "semantic", "lowlevel", "stage2"):
         assert list((transferred / step / "tb").glob("events.out.tfevents.*")), step
-    # reconstructions of subject 2 only, from the stage-2 BIT and the base stage-2 UNet
+    # reconstructions of subject 2 only, with the transferred stage-2 model (its BIT and the base UNet)
     assert len(list((transferred / "reconstruct" / "subj02" / "semantic").glob("*.png"))) == 2
     assert not (transferred / "reconstruct" / "subj01").exists()
     run = json.loads((transferred / "reconstruct" / "run.json").read_text())
-    assert run["semantic"]["path"].endswith("stage2/semantic.ckpt") and run["finished"]
+    assert run["stage2"]["path"].endswith("stage2/stage2.ckpt") and run["semantic_stock"] is None
+    assert run["finished"]
     # every checkpoint loads on its own, with the larger voxel table
     encoder = EncoderModule.load_from_checkpoint(transferred / "encoder" / "encoder.ckpt", map_location="cpu")
     assert encoder.encoder.n_voxels == TABLE and encoder.hparams.voxel_subjects == [2]
