@@ -60,6 +60,7 @@ def test_evaluate_per_subject_writes_the_three_tables(tree):
     results = json.loads((tree["out"] / "metrics.json").read_text())
     assert list(results) == [
         "protocol", "protocol_version", "protocol_options", "n_images", "per_subject", "mean", "ci", "ci_method",
+        "mean_ci",
     ]  # fmt: skip
     assert results["protocol"] == "mindeye2" and results["n_images"] == N
     assert results["protocol_version"] == "2"
@@ -68,6 +69,11 @@ def test_evaluate_per_subject_writes_the_three_tables(tree):
     assert results["ci_method"] == {
         "kind": "percentile bootstrap over images", "n_boot": 1000, "level": 0.95, "seed": 0,
     }  # fmt: skip
+    for name in PER_IMAGE_METRICS:  # the mean over subjects: a subject-stratified interval
+        low, high = results["mean_ci"][f"{name}_ci"]
+        assert low <= results["mean"][name] <= high, name
+    per_image = (tree["out"] / "per_image.csv").read_text().splitlines()
+    assert per_image[0].startswith("subject,image,") and len(per_image) == 1 + N * len(results["per_subject"])
     for subject, bounds in results["ci"].items():
         assert list(bounds) == [f"{n}_ci" for n in PER_IMAGE_METRICS]  # no interval for retrieval
         for name in PER_IMAGE_METRICS:

@@ -46,3 +46,20 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
     assert main(args) == 0
     again = json.loads((out / "report" / "summary.json").read_text())
     assert again["timings_s"] == {} and again["bit"] == summary["bit"] and timings
+
+
+def test_the_configs_the_workflows_run_exist():
+    """The demo and transfer-demo read configs from the checkout: every one they name is there (fast)."""
+    import re
+    from pathlib import Path
+
+    from brainit_pl.workflows.demo import CONFIGS, MODELS
+
+    assert CONFIGS.is_dir(), CONFIGS
+    src = Path(__file__).parents[1] / "src" / "brainit_pl" / "workflows"
+    named = {m for f in src.rglob("*.py") for m in re.findall(r'CONFIGS / "([\w.]+\.yaml)"', f.read_text())}
+    named |= {f"sim/{kind}_{branch}.yaml" for kind in MODELS.values() for branch in ("semantic", "lowlevel")}
+    named.add("sim/stage2_demo.yaml")
+    assert {"demo.yaml", "encoder_demo.yaml"} <= named
+    for name in named:
+        assert (CONFIGS / name).is_file(), name

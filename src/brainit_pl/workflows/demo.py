@@ -39,7 +39,7 @@ from brainit_pl.files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[3] / "configs"  # the checkout's configs/
 MODELS = {"bit": "bit", "mindeye2_baseline": "mindeye2", "ridge_baseline": "ridge"}
 METRICS = {"semantic": ("clip_cos", "clip_2way"), "lowlevel": ("vgg_2way",)}
 
