@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader never sees a half-written file, and a failed write leaves nothing.
+"""Atomic file writes, and the one door through which a user's checkpoint file is read.
+
+Atomic writes: a reader never sees a half-written file, and a failed write leaves nothing.
 
 Write to a temporary name in the target's folder, then ``os.replace`` it into place (atomic on POSIX
 within one file system). On any exception the temporary is removed and the previous file, if any,
@@ -9,10 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from brainit_pl.errors import BrainITError
 
 
 @contextlib.contextmanager
@@ -54,3 +60,96 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``final`` atomically."""
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+# A torch checkpoint is a pickle: read without restriction, a crafted file runs code. Every checkpoint a user
+# can pass is read here with ``weights_only=True`` (tensors, containers, numbers, strings) plus the few plain
+# types below; anything else is refused with one line unless the command was given --trust-checkpoint.
+_TRUSTED = (
+    False  # set by --trust-checkpoint (a process-wide switch: DataLoader workers never read checkpoints)
+)
+_UNSAFE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def safe_checkpoint_types() -> list[Any]:
+    """The non-tensor types a brainit-pl / Lightning checkpoint may hold besides torch's defaults.
+
+    Our ``fit`` checkpoints hold none (Lightning saves ``hyper_parameters`` as a plain dict;
+    tests/test_checkpoint_safety.py reads real ones); these are the harmless value types that hyperparameters
+    set from Python may add: paths, an ``argparse.Namespace``, numpy scalars and dtypes. (A dict subclass such
+    as Lightning's ``AttributeDict`` cannot be allowed: torch's restricted unpickler fills only plain dicts.)
+    """
+    import argparse
+    import pathlib
+
+    import numpy as np
+
+    try:  # how numpy >= 2 pickles a scalar
+        from numpy._core.multiarray import scalar
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core.multiarray import scalar
+
+    dtypes = [type(np.dtype(t)) for t in ("float16", "float32", "float64", "int32", "int64", "bool")]
+    return [
+        pathlib.PosixPath,
+        pathlib.PurePosixPath,
+        pathlib.WindowsPath,
+        pathlib.PureWindowsPath,
+        argparse.Namespace,
+        scalar,
+        np.dtype,
+        *dtypes,
+    ]
+
+
+@contextlib.contextmanager
+def trusting_checkpoints(trust: bool = True) -> Iterator[None]:
+    """While the block runs, checkpoints are read with full unpickling if ``trust`` (``--trust-checkpoint``)."""
+    global _TRUSTED
+    saved, _TRUSTED = _TRUSTED, bool(trust)
+    try:
+        yield
+    finally:
+        _TRUSTED = saved
+
+
+def checkpoints_trusted() -> bool:
+    """True inside ``trusting_checkpoints(True)``: loads run with ``weights_only=False``."""
+    return _TRUSTED
+
+
+@contextlib.contextmanager
+def checkpoint_guard(path: str | os.PathLike | None) -> Iterator[bool]:
+    """Around any ``torch.load`` of a user's checkpoint: the allow-list is active, and a file that needs
+    arbitrary unpickling becomes one line naming it. Yields the ``weights_only`` value to load with."""
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals(safe_checkpoint_types()):
+            yield not _TRUSTED
+    except pickle.UnpicklingError as err:
+        if "weights_only" not in str(err).lower() and "weights only" not in str(err).lower():
+            raise
+        found = _UNSAFE.search(str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise BrainITError(
+            f"{path} refused: reading it needs arbitrary unpickling{what}, which can run code; "
+            "pass --trust-checkpoint only if you trust where the file comes from"
+        ) from None
+
+
+def load_checkpoint(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """``torch.load`` of a user's checkpoint on the CPU, through :func:`checkpoint_guard`."""
+    import torch
+
+    with checkpoint_guard(path) as weights_only:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+
+
+def load_module(cls: Any, path: str | os.PathLike, **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint(path)`` on the CPU (a LightningModule), through :func:`checkpoint_guard`."""
+    with checkpoint_guard(path) as weights_only:
+        return cls.load_from_checkpoint(path, map_location="cpu", weights_only=weights_only, **kwargs)

@@ -54,7 +54,7 @@ from brainit_pl.data.synthetic_store import (
 )
 from brainit_pl.devices import inference_autocast, resolve_device
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.files import atomic_path
+from brainit_pl.files import atomic_path, load_module
 
 log = logging.getLogger(__name__)
 DEFAULT_SIM_SIZE = 425  # NSD's stimulus side, for simulated images next to a store that is not simulated
@@ -192,7 +192,7 @@ def _load_encoder(checkpoint: Path, store: Store):
 
     require(checkpoint.is_file(), f"--checkpoint {checkpoint} not found")
     try:
-        module = EncoderModule.load_from_checkpoint(checkpoint, map_location="cpu")
+        module = load_module(EncoderModule, checkpoint)
     except (RuntimeError, KeyError, TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's messages span lines
         raise BrainITError(f"--checkpoint {checkpoint} is not an EncoderModule checkpoint ({first})") from err

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from jsonargparse import ActionYesNo
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from brainit_pl.data.datamodule import NSDDataModule
+from brainit_pl.errors import BrainITError
+from brainit_pl.files import checkpoint_guard, checkpoints_trusted, trusting_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,19 @@ class BrainITCLI(LightningCLI):
         """Lightning rebuilds the model from a checkpoint's hyperparameters, over the config: say what changed.
 
         (A config value silently replaced by the checkpoint's would otherwise look like a bug in the run.)
+        Lightning reads the file with ``weights_only=True``: under :func:`checkpoint_guard` a file that needs
+        more is one line naming it, not a traceback.
         """
         before = self._model_args()
-        super()._parse_ckpt_path()
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        with trusting_checkpoints(self._trusted()):
+            try:
+                with checkpoint_guard(ckpt_path):
+                    super()._parse_ckpt_path()
+            except BrainITError:
+                if not self._trusted():
+                    raise
+                log.warning("%s: hyperparameters not read (the file needs full unpickling)", ckpt_path)
         after = self._model_args()
         changed = [  # n_voxels is linked from the data later: not the user's
             f"{k}: {before[k]!r} -> {after[k]!r}"
@@ -52,6 +65,28 @@ class BrainITCLI(LightningCLI):
                 "; ".join(changed),
             )
 
+    def _subcommand_config(self) -> Any:
+        sub = self.config.get("subcommand")
+        return self.config.get(sub, {}) if sub else {}
+
+    def _trusted(self) -> bool:
+        return bool(self._subcommand_config().get("trust_checkpoint"))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``fit``/``test``/...: ``--ckpt_path`` is read with ``weights_only`` and the allow-list of
+        :mod:`brainit_pl.files` (``--trust_checkpoint``: full unpickling)."""
+        with (
+            trusting_checkpoints(self._trusted()),
+            checkpoint_guard(self._subcommand_config().get("ckpt_path")),
+        ):
+            super()._run_subcommand(subcommand)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            kwargs["weights_only"] = not checkpoints_trusted()
+        return kwargs
+
     def _model_args(self) -> dict[str, Any]:
         sub = self.config.get("subcommand")
         model = self.config.get(sub, {}).get("model") if sub else None
@@ -59,4 +94,11 @@ class BrainITCLI(LightningCLI):
         return dict(vars(args)) if args is not None else {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--trust_checkpoint",
+            action=ActionYesNo,
+            default=False,
+            help="read --ckpt_path with full unpickling (only for a file whose source you trust); without it "
+            "a checkpoint holding anything but tensors and plain values is refused (--weights_only is set by this)",
+        )
         parser.link_arguments("data.n_voxels", "model.init_args.n_voxels", apply_on="instantiate")

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from brainit_pl.data.store import Store
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.files import atomic_write_text
+from brainit_pl.files import atomic_write_text, load_checkpoint
 from brainit_pl.models.v2c import (
     COVARIANCE_TYPES,
     KINDS,
@@ -82,10 +82,10 @@ def load_embeddings(
             require(not missing, f"{path} lacks the arrays {sorted(missing)}")
             emb, n_voxels = f["embeddings"], dict(zip(f["subjects"].tolist(), f["n_voxels"].tolist()))
     else:  # a Lightning checkpoint of the encoder module
-        import torch
-
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(path)
+        except BrainITError:
+            raise
         except Exception as err:  # torch raises many types for a foreign file
             raise BrainITError(f"{path} is not a readable checkpoint, .npz or .npy ({err})") from err
         state, hparams = ckpt.get("state_dict", {}), ckpt.get("hyper_parameters", {})
