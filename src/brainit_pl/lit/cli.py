@@ -8,6 +8,8 @@ DataModule into the model, never typed twice: ``data.n_voxels`` → ``model.init
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import ActionYesNo
@@ -15,8 +17,8 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from brainit_pl.data.datamodule import NSDDataModule
-from brainit_pl.errors import BrainITError
-from brainit_pl.files import checkpoint_guard, checkpoints_trusted, trusting_checkpoints
+from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import checkpoint_guard, checkpoints_trusted, load_checkpoint, trusting_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,7 @@ class BrainITCLI(LightningCLI):
         Lightning reads the file with ``weights_only=True``: under :func:`checkpoint_guard` a file that needs
         more is one line naming it, not a traceback.
         """
+        self._resolve_last()
         before = self._model_args()
         ckpt_path = self._subcommand_config().get("ckpt_path")
         with trusting_checkpoints(self._trusted()):
@@ -64,6 +67,44 @@ class BrainITCLI(LightningCLI):
                 "the model is built from the checkpoint's hyperparameters, which replace the config's: %s",
                 "; ".join(changed),
             )
+
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest ``checkpoints/last.ckpt`` under ``trainer.default_root_dir``.
+
+        Lightning looks only in the folders of *this* run's callbacks, which are a new ``version_N``, and
+        starts from scratch with a warning when it finds nothing there; here a missing one is an error.
+        """
+        sub = self.config.get("subcommand")
+        config = self._subcommand_config()
+        if not sub or config.get("ckpt_path") != "last":
+            return
+        trainer = config.get("trainer")
+        root = Path((trainer.get("default_root_dir") if trainer is not None else None) or os.getcwd())
+        found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: (p.stat().st_mtime, str(p)))
+        require(
+            bool(found),
+            f"--ckpt_path last: no checkpoints/last.ckpt under {root} (trainer.default_root_dir), so nothing "
+            "to resume; pass the interrupted run's --trainer.default_root_dir, or start without --ckpt_path",
+        )
+        self.config[f"{sub}.ckpt_path"] = str(found[-1])
+        log.info("resuming from %s", found[-1])
+
+    def before_fit(self) -> None:
+        """Resuming a run of the same ``default_root_dir``: its checkpoint callbacks keep writing into the
+        interrupted run's folder, so they get back its best score and best/last files (Lightning restores
+        a ModelCheckpoint's state only when its folder is the same; the logger's new ``version_N`` would
+        otherwise be a new folder and a second, independent "best")."""
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        root = Path(self.trainer.default_root_dir).resolve()
+        if root not in Path(ckpt_path).resolve().parents:
+            return  # continuing into another folder: a new run that starts from these weights
+        states = load_checkpoint(ckpt_path, mmap=True).get("callbacks", {})
+        for callback in self.trainer.checkpoint_callbacks:
+            state = states.get(getattr(callback, "state_key", None))
+            if getattr(callback, "dirpath", "") is None and isinstance(state, dict) and state.get("dirpath"):
+                callback.dirpath = state["dirpath"]
 
     def _subcommand_config(self) -> Any:
         sub = self.config.get("subcommand")
