@@ -46,8 +46,9 @@ def atomic_path(final: str | os.PathLike, *, is_dir: bool = False) -> Iterator[P
     try:
         yield tmp
         if is_dir and final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            swap_dir(tmp, final)
+        else:
+            os.replace(tmp, final)
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -60,6 +61,114 @@ def atomic_write_text(final: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``final`` atomically."""
     with atomic_path(final) as tmp:
         tmp.write_text(text)
+
+
+# ------------------------------------------------------------------------------------------- replacing folders
+def _aside(final: Path) -> Path:
+    return final.parent / f".{final.name}.{os.getpid()}.aside"
+
+
+def _asides(final: Path) -> list[Path]:
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.\d+\.aside$")
+    if not final.parent.is_dir():
+        return []
+    return sorted(p for p in final.parent.iterdir() if pattern.match(p.name))
+
+
+def swap_dir(new: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Put the complete folder ``new`` in the place of the folder ``final``; the old one stays whole meanwhile.
+
+    ``final`` is renamed aside (``.NAME.PID.aside``), ``new`` renamed into place, then the old folder deleted.
+    A crash between the two renames leaves the old folder whole under its aside name; the next writer of
+    ``final`` (:func:`output_lock`) renames it back.
+    """
+    new, final = Path(new), Path(final)
+    aside = _aside(final)
+    os.replace(final, aside)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        os.replace(aside, final)  # the old one back: nothing changed
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover(final: str | os.PathLike) -> None:
+    """Undo what a killed writer of ``final`` left: an old folder set aside by :func:`swap_dir` goes back
+    (when ``final`` is missing) or is deleted (when the new one made it), and the temporaries of
+    :func:`atomic_path` for ``final`` are deleted. Call it holding ``final``'s :func:`output_lock`."""
+    final = Path(final)
+    for aside in _asides(final):
+        if not final.exists():
+            os.replace(aside, final)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+    temporary = re.compile(rf"^\.{re.escape(final.name)}\.[\w-]{{8}}\.tmp$")  # mkstemp / mkdtemp names
+    if final.parent.is_dir():
+        for tmp in final.parent.iterdir():
+            if temporary.match(tmp.name):
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------- output locks
+def lock_path(final: str | os.PathLike) -> Path:
+    """The lock file of an output: ``.NAME.lock`` beside it (outside it: it outlives swaps of the output),
+    there while a writer holds it."""
+    final = Path(os.path.realpath(final))
+    return final.parent / f".{final.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(final: str | os.PathLike) -> Iterator[Path]:
+    """Hold the exclusive lock of the output ``final`` (a store, a folder of results) while the block runs.
+
+    Every brainit-pl writer takes it (prepare, extract-features, synthesize-fmri, reconstruct, cluster): a
+    second writer of the same output is refused in one line naming the holder's pid. The lock is an
+    ``fcntl.flock`` on :func:`lock_path` (holding the pid; deleted on release), so the kernel releases it when
+    its process dies: a killed run never blocks the next one, which then cleans what it left
+    (:func:`recover`). Re-entrant in a process.
+    """
+    import fcntl
+
+    final = Path(final)
+    path = lock_path(final)
+    if path in _HELD:
+        yield final
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:  # the holder deletes the file on release: lock the file that is at `path` now
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise BrainITError(
+                f"{final} is in use by pid {holder} (another brainit-pl command writes it); wait for it to "
+                "finish or stop it"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # released and deleted meanwhile: take the new one
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        _HELD.add(path)
+        try:
+            recover(final)
+            yield final
+        finally:
+            _HELD.discard(path)
+            path.unlink(missing_ok=True)  # still holding it: nobody else can be using this file
+    finally:
+        os.close(fd)  # releases the flock
+
+
+_HELD: set[Path] = set()  # the lock files this process holds (a job that calls another job re-enters)
 
 
 # ------------------------------------------------------------------------------------------- checkpoints
