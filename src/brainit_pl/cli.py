@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 
 from brainit_pl import __version__
 from brainit_pl.errors import BrainITError
+from brainit_pl.files import trusting_checkpoints
 
 # name -> (module, one-line summary). Each module defines add_arguments(parser) and run(args).
 PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
@@ -68,6 +69,13 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "hold out a simulated subject: transfer from 1 h vs scratch vs all data, one report (make transfer-1h)",
     ),
 }
+
+# The jobs that read checkpoints a user passes: they take --trust-checkpoint (see brainit_pl.files).
+CHECKPOINT_COMMANDS = ("cluster", "synthesize-fmri", "reconstruct", "transfer", "transfer-demo")
+TRUST_HELP = (
+    "read checkpoints with full unpickling: without it a checkpoint holding anything but tensors and plain "
+    "values is refused, since unpickling it could run code. Only for files whose source you trust"
+)
 
 LIGHTNING_COMMANDS: dict[str, str] = {
     "fit": "train a model (LightningCLI; --config configs/<name>.yaml)",
@@ -154,9 +162,13 @@ def run_project_command(name: str, argv: Sequence[str]) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     module.add_arguments(parser)
+    if name in CHECKPOINT_COMMANDS:
+        parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     args = parser.parse_args(list(argv))
+    trust = vars(args).pop("trust_checkpoint", False)  # jobs pass their args on as keywords: not theirs
     try:
-        status = module.run(args)
+        with trusting_checkpoints(trust):
+            status = module.run(args)
     except BrainITError as err:
         return _fail(f"brainit-pl {name}", str(err))
     except KeyboardInterrupt:
@@ -170,6 +182,7 @@ def run_lightning(argv: Sequence[str]) -> int:
 
     # LightningCLI reads sys.argv, and Lightning's DDP launcher re-runs sys.argv in each child process:
     # both must see this command, also when main() is called from Python with its own argv.
+    argv = ["--trust_checkpoint" if a == "--trust-checkpoint" else a for a in argv]  # either spelling
     saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "brainit-pl", *argv]
     try:
         BrainITCLI()

@@ -16,7 +16,7 @@ DATA = ("data.layout", "data.sim", "data")  # the data layer, its two lower unit
 # unit → (what it holds, the units it may import); bottom layer first
 LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "errors": ("the one error type of a clean refusal", ()),
-    "files": ("atomic writes", ("errors",)),
+    "files": ("atomic writes, output locks, the one checkpoint reader", ("errors",)),
     "devices": ("device and autocast choice", ("errors",)),
     "viz": ("image grids, brain maps", ("errors", "files")),
     "backbones": ("frozen pretrained networks + tiny twins", ("errors", "files", "devices")),
@@ -69,7 +69,7 @@ LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "workflows",
         ),
     ),
-    "cli": ("brainit-pl: every command", ("errors", "lit")),
+    "cli": ("brainit-pl: every command", ("errors", "files", "lit")),
     "layers": ("this table", ()),
 }
 

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,8 @@ def read_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, Tens
     the vision tower out of a 10 GB CLIP checkpoint does not load its text tower. Unwraps a top-level
     ``state_dict``/``model`` entry and a DataParallel ``module.`` prefix, as the upstream loaders do.
     A TorchScript archive (OpenAI's CLIP ``.pt`` files) is told from a pickle by its content and read
-    with ``torch.jit.load``; pickles are read with ``weights_only=True``, so no file can run Python code.
+    with ``torch.jit.load``; pickles are read by :func:`brainit_pl.files.load_checkpoint` (``weights_only``),
+    so no pickle can run Python code.
 
     Args:
         path: a ``.safetensors`` file, a ``torch.save`` file (``.pth``, ``.bin``, ``.pt``, ``.pth.tar``)
@@ -225,9 +227,9 @@ def _torch_load(path: Path) -> dict[str, Tensor]:
         obj = {k: v.detach() for k, v in scripted.state_dict().items()}
     else:
         try:  # mmap needs the zip format (torch >= 1.6); older files are read whole
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            obj = load_checkpoint(path, mmap=True)
         except RuntimeError:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_checkpoint(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]

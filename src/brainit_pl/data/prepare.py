@@ -35,7 +35,7 @@ from brainit_pl.data.nsd import NSDReader, check_betas, zscore_session
 from brainit_pl.data.store import IMAGE_SIZES, subject_filename
 from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
 from brainit_pl.errors import require
-from brainit_pl.files import atomic_path
+from brainit_pl.files import atomic_path, output_lock
 
 log = logging.getLogger(__name__)
 SPACES = ("func1pt8mm", "fsaverage")
@@ -158,51 +158,54 @@ def prepare(
         (nsd_root is None) != (mindeye2_root is None), "give exactly one of --nsd-root and --mindeye2-root"
     )
     out = Path(out)
-    _check_out(out, overwrite)
-    if mindeye2_root is not None:
-        return _prepare_mindeye2(Path(mindeye2_root), out, subjects, sessions, space, surface_mask)
-    require(space in SPACES, f"--space must be one of {SPACES}, got {space!r}")
-    require(sessions is None or sessions >= 1, f"--sessions must be at least 1, got {sessions}")
-    require(
-        (space == "fsaverage") == (surface_mask is not None),
-        "--surface-mask goes with --space fsaverage (and --space fsaverage needs it)",
-    )
-    require(fsaverage_surf is None or space == "fsaverage", "--fsaverage-surf goes with --space fsaverage")
-    reader = NSDReader(nsd_root)
-    plans = _plan(reader, subjects, sessions, space, surface_mask)
-    with atomic_path(out, is_dir=True) as tmp:
-        entries = {}
-        # disable=None: bars on a terminal only, so logs and captured stderr hold just the messages
-        with tqdm(
-            total=sum(len(p.sessions) for p in plans), desc="prepare", unit="session", disable=None
-        ) as bar:
-            for plan in plans:
-                entries[plan.subject] = _write_subject(
-                    reader, plan, space, tmp / subject_filename(plan.subject), bar, fsaverage_surf
-                )
-        ids = np.unique(np.concatenate([p.trials["nsd_id"] for p in plans]))
-        with tqdm(total=len(ids), desc="images", unit="image", disable=None) as bar:
-
-            def images(batch: np.ndarray) -> dict[int, np.ndarray]:
-                block = reader.images(batch)
-                bar.update(len(batch))
-                return block
-
-            write_images(tmp / "images.h5", ids, images, source="raw")
-        write_manifest(
-            tmp,
-            entries,
-            images={"file": "images.h5", "n_images": len(ids), "sizes": list(IMAGE_SIZES)},
-            source={
-                "kind": "raw",
-                "root": str(Path(nsd_root).resolve()),
-                "space": space,
-                "sessions": sessions if sessions is not None else "all",
-                "brainit_pl_version": __version__,
-            },
+    with output_lock(out):
+        _check_out(out, overwrite)
+        if mindeye2_root is not None:
+            return _prepare_mindeye2(Path(mindeye2_root), out, subjects, sessions, space, surface_mask)
+        require(space in SPACES, f"--space must be one of {SPACES}, got {space!r}")
+        require(sessions is None or sessions >= 1, f"--sessions must be at least 1, got {sessions}")
+        require(
+            (space == "fsaverage") == (surface_mask is not None),
+            "--surface-mask goes with --space fsaverage (and --space fsaverage needs it)",
         )
-    log.info("wrote the store %s: subjects %s, %d images", out, [p.subject for p in plans], len(ids))
-    return out
+        require(
+            fsaverage_surf is None or space == "fsaverage", "--fsaverage-surf goes with --space fsaverage"
+        )
+        reader = NSDReader(nsd_root)
+        plans = _plan(reader, subjects, sessions, space, surface_mask)
+        with atomic_path(out, is_dir=True) as tmp:
+            entries = {}
+            # disable=None: bars on a terminal only, so logs and captured stderr hold just the messages
+            with tqdm(
+                total=sum(len(p.sessions) for p in plans), desc="prepare", unit="session", disable=None
+            ) as bar:
+                for plan in plans:
+                    entries[plan.subject] = _write_subject(
+                        reader, plan, space, tmp / subject_filename(plan.subject), bar, fsaverage_surf
+                    )
+            ids = np.unique(np.concatenate([p.trials["nsd_id"] for p in plans]))
+            with tqdm(total=len(ids), desc="images", unit="image", disable=None) as bar:
+
+                def images(batch: np.ndarray) -> dict[int, np.ndarray]:
+                    block = reader.images(batch)
+                    bar.update(len(batch))
+                    return block
+
+                write_images(tmp / "images.h5", ids, images, source="raw")
+            write_manifest(
+                tmp,
+                entries,
+                images={"file": "images.h5", "n_images": len(ids), "sizes": list(IMAGE_SIZES)},
+                source={
+                    "kind": "raw",
+                    "root": str(Path(nsd_root).resolve()),
+                    "space": space,
+                    "sessions": sessions if sessions is not None else "all",
+                    "brainit_pl_version": __version__,
+                },
+            )
+        log.info("wrote the store %s: subjects %s, %d images", out, [p.subject for p in plans], len(ids))
+        return out
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

@@ -46,6 +46,7 @@ from brainit_pl.data.store import ImageStore, Store
 from brainit_pl.data.synthetic_store import IMAGES_FILE
 from brainit_pl.devices import inference_autocast, resolve_device
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -127,33 +128,36 @@ def extract_features(
         backbone in BACKBONES, f"unknown feature backbone {backbone!r}; expected one of {list(BACKBONES)}"
     )
     require(batch_size >= 1, f"--batch-size must be at least 1, got {batch_size}")
-    images = _image_store(Path(store))
-    final, partial = cache_path(store, backbone), partial_path(cache_path(store, backbone))
-    fingerprint = image_fingerprint(images)
-    identity = {"backbone": backbone, "arch": "tiny" if tiny else "ViT-bigG-14"}
-    identity["weights"] = _weights_label(pretrained, tiny)
-    if overwrite:
-        partial.unlink(missing_ok=True)  # the finished cache (if any) is replaced only at the end
-    elif final.exists():
-        _check_existing(final, images, fingerprint, identity, finished=True)
-        log.info("%s is complete for this image store; nothing to do", final)
+    with output_lock(store):
+        images = _image_store(Path(store))
+        final, partial = cache_path(store, backbone), partial_path(cache_path(store, backbone))
+        fingerprint = image_fingerprint(images)
+        identity = {"backbone": backbone, "arch": "tiny" if tiny else "ViT-bigG-14"}
+        identity["weights"] = _weights_label(pretrained, tiny)
+        if overwrite:
+            partial.unlink(missing_ok=True)  # the finished cache (if any) is replaced only at the end
+        elif final.exists():
+            _check_existing(final, images, fingerprint, identity, finished=True)
+            log.info("%s is complete for this image store; nothing to do", final)
+            return final
+        dev = resolve_device(device)
+        resume = partial.exists()
+        if (
+            resume
+        ):  # before building the network: a wrong partial file fails in a second, not after loading 10 GB
+            _check_existing(partial, images, fingerprint, identity, finished=False)
+        net = _build(pretrained, tiny, weights_dir).to(dev)
+        if not resume:
+            attrs = {**identity, "image_fingerprint": fingerprint}
+            create_cache_file(partial, images.nsd_ids, n_tokens=net.n_tokens, width=net.width, attrs=attrs)
+        try:
+            _fill(partial, images, net, dev, batch_size)
+        except BaseException:
+            log.warning("extraction stopped; re-run the same command to resume from %s", partial)
+            raise
+        os.replace(partial, final)
+        log.info("wrote %s (%d images, %d x %d tokens)", final, len(images.nsd_ids), net.n_tokens, net.width)
         return final
-    dev = resolve_device(device)
-    resume = partial.exists()
-    if resume:  # before building the network: a wrong partial file fails in a second, not after loading 10 GB
-        _check_existing(partial, images, fingerprint, identity, finished=False)
-    net = _build(pretrained, tiny, weights_dir).to(dev)
-    if not resume:
-        attrs = {**identity, "image_fingerprint": fingerprint}
-        create_cache_file(partial, images.nsd_ids, n_tokens=net.n_tokens, width=net.width, attrs=attrs)
-    try:
-        _fill(partial, images, net, dev, batch_size)
-    except BaseException:
-        log.warning("extraction stopped; re-run the same command to resume from %s", partial)
-        raise
-    os.replace(partial, final)
-    log.info("wrote %s (%d images, %d x %d tokens)", final, len(images.nsd_ids), net.n_tokens, net.width)
-    return final
 
 
 def _image_store(root: Path) -> ImageStore:

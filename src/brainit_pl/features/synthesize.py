@@ -54,7 +54,7 @@ from brainit_pl.data.synthetic_store import (
 )
 from brainit_pl.devices import inference_autocast, resolve_device
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.files import atomic_path
+from brainit_pl.files import atomic_path, load_module, output_lock
 
 log = logging.getLogger(__name__)
 DEFAULT_SIM_SIZE = 425  # NSD's stimulus side, for simulated images next to a store that is not simulated
@@ -137,45 +137,46 @@ def synthesize_fmri(
     require(images != "hdf5" or images_hdf5 is not None, "images='hdf5' needs images_hdf5")
     st = Store(store)
     out = Path(out) if out is not None else st.root / "synthetic"
-    module, sha1 = _load_encoder(Path(checkpoint), st)
-    fix = "pass --overwrite to start over"
-    if overwrite and out.exists():
-        for path in (out / IMAGES_FILE, *out.glob("fmri_subj*.h5*")):
-            path.unlink()
-    image_store = _external_images(out, st, images, n_images, seed, images_hdf5, fix)
-    fingerprint = image_fingerprint(image_store)
-    partials: dict[int, Path] = {}
-    for subject, n_voxels in module.encoder.n_voxels.items():
-        identity = {
-            "subject": subject,
-            "n_voxels": n_voxels,
-            "checkpoint_sha1": sha1,
-            "image_fingerprint": fingerprint,
-        }
-        final, partial = fmri_path(out, subject), partial_path(fmri_path(out, subject))
-        if final.exists():
-            check_fmri_file(final, identity, finished=True, fix=fix)
-            continue
-        if partial.exists():
-            check_fmri_file(partial, identity, finished=False, fix=fix)
-        else:
-            create_fmri_file(
-                partial, len(image_store.nsd_ids), n_voxels, {**identity, "checkpoint": str(checkpoint)}
-            )
-        partials[subject] = partial
-    if not partials:
-        log.info("%s is complete for this checkpoint and image set; nothing to do", out)
+    with output_lock(out):
+        module, sha1 = _load_encoder(Path(checkpoint), st)
+        fix = "pass --overwrite to start over"
+        if overwrite and out.exists():
+            for path in (out / IMAGES_FILE, *out.glob("fmri_subj*.h5*")):
+                path.unlink()
+        image_store = _external_images(out, st, images, n_images, seed, images_hdf5, fix)
+        fingerprint = image_fingerprint(image_store)
+        partials: dict[int, Path] = {}
+        for subject, n_voxels in module.encoder.n_voxels.items():
+            identity = {
+                "subject": subject,
+                "n_voxels": n_voxels,
+                "checkpoint_sha1": sha1,
+                "image_fingerprint": fingerprint,
+            }
+            final, partial = fmri_path(out, subject), partial_path(fmri_path(out, subject))
+            if final.exists():
+                check_fmri_file(final, identity, finished=True, fix=fix)
+                continue
+            if partial.exists():
+                check_fmri_file(partial, identity, finished=False, fix=fix)
+            else:
+                create_fmri_file(
+                    partial, len(image_store.nsd_ids), n_voxels, {**identity, "checkpoint": str(checkpoint)}
+                )
+            partials[subject] = partial
+        if not partials:
+            log.info("%s is complete for this checkpoint and image set; nothing to do", out)
+            return out
+        dev = resolve_device(device)
+        try:
+            _fill(partials, image_store, module.to(dev), dev, batch_size)
+        except BaseException:
+            log.warning("synthesis stopped; re-run the same command to resume in %s", out)
+            raise
+        for partial in partials.values():
+            os.replace(partial, partial.with_suffix(""))  # fmri_subjNN.h5.partial -> fmri_subjNN.h5
+        log.info("wrote %s: %d images x subjects %s", out, len(image_store.nsd_ids), sorted(partials))
         return out
-    dev = resolve_device(device)
-    try:
-        _fill(partials, image_store, module.to(dev), dev, batch_size)
-    except BaseException:
-        log.warning("synthesis stopped; re-run the same command to resume in %s", out)
-        raise
-    for partial in partials.values():
-        os.replace(partial, partial.with_suffix(""))  # fmri_subjNN.h5.partial -> fmri_subjNN.h5
-    log.info("wrote %s: %d images x subjects %s", out, len(image_store.nsd_ids), sorted(partials))
-    return out
 
 
 def simulation_root(store: Store) -> Path | None:
@@ -192,7 +193,7 @@ def _load_encoder(checkpoint: Path, store: Store):
 
     require(checkpoint.is_file(), f"--checkpoint {checkpoint} not found")
     try:
-        module = EncoderModule.load_from_checkpoint(checkpoint, map_location="cpu")
+        module = load_module(EncoderModule, checkpoint)
     except (RuntimeError, KeyError, TypeError, ValueError, OSError, EOFError, pickle.UnpicklingError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]  # torch's messages span lines
         raise BrainITError(f"--checkpoint {checkpoint} is not an EncoderModule checkpoint ({first})") from err

@@ -13,17 +13,21 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import load_checkpoint
 
 
 def read_checkpoint(path: str | os.PathLike, what: str) -> dict[str, Any]:
-    """A Lightning checkpoint as a dict (CPU), with ``state_dict`` and ``hyper_parameters['n_voxels']``."""
+    """A Lightning checkpoint as a dict (CPU), with ``state_dict`` and ``hyper_parameters['n_voxels']``.
+
+    Read with :func:`brainit_pl.files.load_checkpoint` (``weights_only``: a crafted file is refused, not run).
+    """
     require(os.path.isfile(path), f"checkpoint {path} not found")
     try:
         # mmap: tensors are read when used, so reading a large checkpoint's hyperparameters costs little
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_checkpoint(path, mmap=True)
+    except BrainITError:
+        raise
     except Exception as err:  # torch raises many types for a foreign file
         raise BrainITError(f"{path} is not a readable {what} checkpoint ({type(err).__name__})") from err
     require(

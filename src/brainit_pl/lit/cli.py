@@ -8,12 +8,17 @@ DataModule into the model, never typed twice: ``data.n_voxels`` → ``model.init
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
+from jsonargparse import ActionYesNo
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from brainit_pl.data.datamodule import NSDDataModule
+from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import checkpoint_guard, checkpoints_trusted, load_checkpoint, trusting_checkpoints
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +42,20 @@ class BrainITCLI(LightningCLI):
         """Lightning rebuilds the model from a checkpoint's hyperparameters, over the config: say what changed.
 
         (A config value silently replaced by the checkpoint's would otherwise look like a bug in the run.)
+        Lightning reads the file with ``weights_only=True``: under :func:`checkpoint_guard` a file that needs
+        more is one line naming it, not a traceback.
         """
+        self._resolve_last()
         before = self._model_args()
-        super()._parse_ckpt_path()
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        with trusting_checkpoints(self._trusted()):
+            try:
+                with checkpoint_guard(ckpt_path):
+                    super()._parse_ckpt_path()
+            except BrainITError:
+                if not self._trusted():
+                    raise
+                log.warning("%s: hyperparameters not read (the file needs full unpickling)", ckpt_path)
         after = self._model_args()
         changed = [  # n_voxels is linked from the data later: not the user's
             f"{k}: {before[k]!r} -> {after[k]!r}"
@@ -52,6 +68,66 @@ class BrainITCLI(LightningCLI):
                 "; ".join(changed),
             )
 
+    def _resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest ``checkpoints/last.ckpt`` under ``trainer.default_root_dir``.
+
+        Lightning looks only in the folders of *this* run's callbacks, which are a new ``version_N``, and
+        starts from scratch with a warning when it finds nothing there; here a missing one is an error.
+        """
+        sub = self.config.get("subcommand")
+        config = self._subcommand_config()
+        if not sub or config.get("ckpt_path") != "last":
+            return
+        trainer = config.get("trainer")
+        root = Path((trainer.get("default_root_dir") if trainer is not None else None) or os.getcwd())
+        found = sorted(root.glob("**/checkpoints/last.ckpt"), key=lambda p: (p.stat().st_mtime, str(p)))
+        require(
+            bool(found),
+            f"--ckpt_path last: no checkpoints/last.ckpt under {root} (trainer.default_root_dir), so nothing "
+            "to resume; pass the interrupted run's --trainer.default_root_dir, or start without --ckpt_path",
+        )
+        self.config[f"{sub}.ckpt_path"] = str(found[-1])
+        log.info("resuming from %s", found[-1])
+
+    def before_fit(self) -> None:
+        """Resuming a run of the same ``default_root_dir``: its checkpoint callbacks keep writing into the
+        interrupted run's folder, so they get back its best score and best/last files (Lightning restores
+        a ModelCheckpoint's state only when its folder is the same; the logger's new ``version_N`` would
+        otherwise be a new folder and a second, independent "best")."""
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        root = Path(self.trainer.default_root_dir).resolve()
+        if root not in Path(ckpt_path).resolve().parents:
+            return  # continuing into another folder: a new run that starts from these weights
+        states = load_checkpoint(ckpt_path, mmap=True).get("callbacks", {})
+        for callback in self.trainer.checkpoint_callbacks:
+            state = states.get(getattr(callback, "state_key", None))
+            if getattr(callback, "dirpath", "") is None and isinstance(state, dict) and state.get("dirpath"):
+                callback.dirpath = state["dirpath"]
+
+    def _subcommand_config(self) -> Any:
+        sub = self.config.get("subcommand")
+        return self.config.get(sub, {}) if sub else {}
+
+    def _trusted(self) -> bool:
+        return bool(self._subcommand_config().get("trust_checkpoint"))
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``fit``/``test``/...: ``--ckpt_path`` is read with ``weights_only`` and the allow-list of
+        :mod:`brainit_pl.files` (``--trust_checkpoint``: full unpickling)."""
+        with (
+            trusting_checkpoints(self._trusted()),
+            checkpoint_guard(self._subcommand_config().get("ckpt_path")),
+        ):
+            super()._run_subcommand(subcommand)
+
+    def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+        kwargs = super()._prepare_subcommand_kwargs(subcommand)
+        if "weights_only" in self._subcommand_method_arguments.get(subcommand, ()):
+            kwargs["weights_only"] = not checkpoints_trusted()
+        return kwargs
+
     def _model_args(self) -> dict[str, Any]:
         sub = self.config.get("subcommand")
         model = self.config.get(sub, {}).get("model") if sub else None
@@ -59,4 +135,11 @@ class BrainITCLI(LightningCLI):
         return dict(vars(args)) if args is not None else {}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--trust_checkpoint",
+            action=ActionYesNo,
+            default=False,
+            help="read --ckpt_path with full unpickling (only for a file whose source you trust); without it "
+            "a checkpoint holding anything but tensors and plain values is refused (--weights_only is set by this)",
+        )
         parser.link_arguments("data.n_voxels", "model.init_args.n_voxels", apply_on="instantiate")

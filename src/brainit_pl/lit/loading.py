@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import load_module
 from brainit_pl.lit.bit import BITModule
 from brainit_pl.lit.stage2 import Stage2Module
 
@@ -60,6 +61,8 @@ def load_stage2(path: Path, device: torch.device):
     try:
         module = _fresh(Stage2Module, path)
     except BrainITError as err:
+        if str(err).startswith(str(path)):  # already names the file
+            raise
         raise BrainITError(f"{path}: {err}") from err
     except READ_ERRORS as err:
         raise BrainITError(
@@ -73,4 +76,4 @@ def _fresh(cls, path: Path):
     """``cls.load_from_checkpoint`` in a fresh context: inside a LightningCLI instantiation (a BrainITModule
     built by ``brainit-pl test``) a context variable would hand the outer module's hyperparameters to this
     module's ``save_hyperparameters()``."""
-    return contextvars.Context().run(cls.load_from_checkpoint, path, map_location="cpu")
+    return contextvars.Context().run(load_module, cls, path)

@@ -50,6 +50,7 @@ from torch import Tensor
 
 from brainit_pl.backbones.frozen import FrozenBackbone
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.files import load_module
 from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.models.encoder import VoxelRows, check_trainable, grow_voxel_table
 from brainit_pl.models.unclip import IMAGE_SIZE, OFFSET_NOISE, UnCLIPSampler, load_unclip, vector_condition
@@ -168,7 +169,7 @@ class Stage2Module(L.LightningModule):
         require(Path(path).is_file(), f"bit_checkpoint {path} does not exist")
         # In a fresh context: LightningCLI instantiates this module inside a context variable that hands
         # *its* hyperparameters to every save_hyperparameters() call, the nested BITModule's included.
-        stage1 = contextvars.Context().run(BITModule.load_from_checkpoint, path, map_location="cpu")
+        stage1 = contextvars.Context().run(load_module, BITModule, path)
         hp = stage1.hparams
         require(
             hp.branch == "semantic",

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from brainit_pl.data.store import Store
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.files import atomic_write_text
+from brainit_pl.files import atomic_write_text, load_checkpoint, output_lock
 from brainit_pl.models.v2c import (
     COVARIANCE_TYPES,
     KINDS,
@@ -82,10 +82,10 @@ def load_embeddings(
             require(not missing, f"{path} lacks the arrays {sorted(missing)}")
             emb, n_voxels = f["embeddings"], dict(zip(f["subjects"].tolist(), f["n_voxels"].tolist()))
     else:  # a Lightning checkpoint of the encoder module
-        import torch
-
         try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            ckpt = load_checkpoint(path)
+        except BrainITError:
+            raise
         except Exception as err:  # torch raises many types for a foreign file
             raise BrainITError(f"{path} is not a readable checkpoint, .npz or .npy ({err})") from err
         state, hparams = ckpt.get("state_dict", {}), ckpt.get("hyper_parameters", {})
@@ -216,27 +216,30 @@ def _fit(features: np.ndarray, n_voxels: dict[int, int], args: argparse.Namespac
 
 
 def run(args: argparse.Namespace) -> int:
-    store = Store(args.store)
-    if args.kind == "functional":
-        require(args.embeddings is not None, "--kind functional needs --embeddings (an encoder checkpoint)")
-    if args.embeddings is not None:
-        embeddings, n_voxels = load_embeddings(args.embeddings, store, args.subjects)
-    else:
-        n_voxels = {s: store.subject(s).n_voxels for s in sorted(args.subjects or store.subjects)}
-    _check_store(store, n_voxels)
-    coords = np.concatenate([store.subject(s).xyz for s in n_voxels])  # (V, 3) mm, global order
-    types = _true_types(args.truth, store, list(n_voxels)) if args.truth is not None else None
+    with output_lock(args.out):
+        store = Store(args.store)
+        if args.kind == "functional":
+            require(
+                args.embeddings is not None, "--kind functional needs --embeddings (an encoder checkpoint)"
+            )
+        if args.embeddings is not None:
+            embeddings, n_voxels = load_embeddings(args.embeddings, store, args.subjects)
+        else:
+            n_voxels = {s: store.subject(s).n_voxels for s in sorted(args.subjects or store.subjects)}
+        _check_store(store, n_voxels)
+        coords = np.concatenate([store.subject(s).xyz for s in n_voxels])  # (V, 3) mm, global order
+        types = _true_types(args.truth, store, list(n_voxels)) if args.truth is not None else None
 
-    clusters = _fit(embeddings if args.kind == "functional" else coords, n_voxels, args, args.kind)
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "cluster_sizes.csv", _sizes_csv(clusters))
-    if types is not None:
-        baseline = _fit(coords, n_voxels, args, "anatomical") if args.kind == "functional" else None
-        report = _agreement(clusters, types, baseline)
-        atomic_write_text(args.out / "agreement.json", json.dumps(report, indent=2))
-        log.info("ARI vs the true types: %s", json.dumps({k: v for k, v in report.items() if "ari" in k}))
-    if not args.no_plots:
-        _plot_maps(args.out, clusters, store, args.tensorboard)
-    save_clusters(args.out / "clusters.npz", clusters)  # last: its presence means the job finished
-    log.info("wrote %s", args.out / "clusters.npz")
-    return 0
+        clusters = _fit(embeddings if args.kind == "functional" else coords, n_voxels, args, args.kind)
+        args.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out / "cluster_sizes.csv", _sizes_csv(clusters))
+        if types is not None:
+            baseline = _fit(coords, n_voxels, args, "anatomical") if args.kind == "functional" else None
+            report = _agreement(clusters, types, baseline)
+            atomic_write_text(args.out / "agreement.json", json.dumps(report, indent=2))
+            log.info("ARI vs the true types: %s", json.dumps({k: v for k, v in report.items() if "ari" in k}))
+        if not args.no_plots:
+            _plot_maps(args.out, clusters, store, args.tensorboard)
+        save_clusters(args.out / "clusters.npz", clusters)  # last: its presence means the job finished
+        log.info("wrote %s", args.out / "clusters.npz")
+        return 0

@@ -41,7 +41,7 @@ from PIL import Image
 
 from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.files import atomic_path, atomic_write_text
+from brainit_pl.files import atomic_path, atomic_write_text, output_lock
 from brainit_pl.recon.chain import STAGES, Reconstructor
 
 log = logging.getLogger(__name__)
@@ -142,62 +142,67 @@ def reconstruct(
         BrainITError: no model given, an unreadable or mismatched checkpoint, a finished or different run in
             ``out`` (without ``overwrite``), bad options.
     """
-    out = Path(out)
-    require(
-        lowlevel is not None or stage2 is not None or semantic_stock is not None,
-        "give --lowlevel and/or --stage2 checkpoints (or the ablation --semantic-stock)",
-    )
-    require(refine is None or not tiny_refine, "give --refine or --tiny-refine, not both")
-    require(
-        stage2 is not None or semantic_stock is not None or not (refine or tiny_refine),
-        "the refinement needs a semantic stage (--stage2)",
-    )
-    require(dip_steps >= 1 and dip_batch >= 1 and batch_size >= 1, "steps and batch sizes must be >= 1")
-    require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
-    stages = [s for s, on in zip(STAGES, (lowlevel, stage2, semantic_stock, refine or tiny_refine)) if on]
-    settings = {
-        "store": str(Path(store).resolve()),
-        "lowlevel": _identity(lowlevel),
-        "stage2": _identity(stage2),
-        "semantic_stock": _identity(semantic_stock),
-        "unclip": ("tiny" if tiny_unclip else str(unclip or "weights folder")) if semantic_stock else None,
-        "refine": "tiny" if tiny_refine else (str(refine) if refine else None),
-        "dip_steps": dip_steps,
-        "dip_channels": dip_channels,
-        "seed": seed,
-        "stages": stages,
-    }
-    _check_claim(out, settings, overwrite)  # refusals first: loading real models takes minutes
-    dev = resolve_device(device)
-    models = Reconstructor.from_checkpoints(
-        lowlevel, stage2, semantic_stock=semantic_stock, unclip=unclip, tiny_unclip=tiny_unclip,
-        refine=refine, tiny_refine=tiny_refine, weights_dir=weights_dir, device=dev, dip_steps=dip_steps,
-        dip_batch=dip_batch, dip_channels=dip_channels, seed=seed,
-    )  # fmt: skip
-    loader = _test_loader(store, models.n_voxels, batch_size)
-    wanted = set(models.n_voxels if subjects is None else subjects)
-    unknown = wanted - set(models.n_voxels)
-    require(not unknown, f"subjects {sorted(unknown)} are not in the checkpoints' {sorted(models.n_voxels)}")
-    claim_folder(out, settings, overwrite)  # only now, with every input valid, is the folder touched
-    done_per_subject: dict[int, int] = {}
-    from tqdm.auto import tqdm
+    with output_lock(out):
+        out = Path(out)
+        require(
+            lowlevel is not None or stage2 is not None or semantic_stock is not None,
+            "give --lowlevel and/or --stage2 checkpoints (or the ablation --semantic-stock)",
+        )
+        require(refine is None or not tiny_refine, "give --refine or --tiny-refine, not both")
+        require(
+            stage2 is not None or semantic_stock is not None or not (refine or tiny_refine),
+            "the refinement needs a semantic stage (--stage2)",
+        )
+        require(dip_steps >= 1 and dip_batch >= 1 and batch_size >= 1, "steps and batch sizes must be >= 1")
+        require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
+        stages = [s for s, on in zip(STAGES, (lowlevel, stage2, semantic_stock, refine or tiny_refine)) if on]
+        settings = {
+            "store": str(Path(store).resolve()),
+            "lowlevel": _identity(lowlevel),
+            "stage2": _identity(stage2),
+            "semantic_stock": _identity(semantic_stock),
+            "unclip": ("tiny" if tiny_unclip else str(unclip or "weights folder"))
+            if semantic_stock
+            else None,
+            "refine": "tiny" if tiny_refine else (str(refine) if refine else None),
+            "dip_steps": dip_steps,
+            "dip_channels": dip_channels,
+            "seed": seed,
+            "stages": stages,
+        }
+        _check_claim(out, settings, overwrite)  # refusals first: loading real models takes minutes
+        dev = resolve_device(device)
+        models = Reconstructor.from_checkpoints(
+            lowlevel, stage2, semantic_stock=semantic_stock, unclip=unclip, tiny_unclip=tiny_unclip,
+            refine=refine, tiny_refine=tiny_refine, weights_dir=weights_dir, device=dev, dip_steps=dip_steps,
+            dip_batch=dip_batch, dip_channels=dip_channels, seed=seed,
+        )  # fmt: skip
+        loader = _test_loader(store, models.n_voxels, batch_size)
+        wanted = set(models.n_voxels if subjects is None else subjects)
+        unknown = wanted - set(models.n_voxels)
+        require(
+            not unknown, f"subjects {sorted(unknown)} are not in the checkpoints' {sorted(models.n_voxels)}"
+        )
+        claim_folder(out, settings, overwrite)  # only now, with every input valid, is the folder touched
+        done_per_subject: dict[int, int] = {}
+        from tqdm.auto import tqdm
 
-    for batch in tqdm(loader, desc="reconstruct", unit="batch", disable=None):
-        subject = int(batch["subject"][0])
-        if subject not in wanted:
-            continue
-        rows = []
-        for i in range(len(batch["nsd_id"])):
-            if limit is not None and done_per_subject.get(subject, 0) >= limit:
-                break
-            done_per_subject[subject] = done_per_subject.get(subject, 0) + 1
-            rows.append(i)
-        if rows:
-            reconstruct_missing(out, {k: v[torch.tensor(rows)] for k, v in batch.items()}, models)
-    results = finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
-    mark_finished(out, settings)
-    log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
-    return results
+        for batch in tqdm(loader, desc="reconstruct", unit="batch", disable=None):
+            subject = int(batch["subject"][0])
+            if subject not in wanted:
+                continue
+            rows = []
+            for i in range(len(batch["nsd_id"])):
+                if limit is not None and done_per_subject.get(subject, 0) >= limit:
+                    break
+                done_per_subject[subject] = done_per_subject.get(subject, 0) + 1
+                rows.append(i)
+            if rows:
+                reconstruct_missing(out, {k: v[torch.tensor(rows)] for k, v in batch.items()}, models)
+        results = finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
+        mark_finished(out, settings)
+        log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
+        return results
 
 
 def _test_loader(store: Path, n_voxels: dict[int, int], batch_size: int):

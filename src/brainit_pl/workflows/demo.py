@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from brainit_pl.errors import BrainITError, require
-from brainit_pl.files import atomic_write_text
+from brainit_pl.files import atomic_write_text, load_module
 
 log = logging.getLogger(__name__)
 
@@ -412,7 +412,7 @@ def _score_encoder(ckpt: Path, store: Path, out: Path) -> None:
     from brainit_pl.lit.encoder import EncoderModule
     from brainit_pl.lit.encoder_ridge import ridge_vs_encoder
 
-    module = EncoderModule.load_from_checkpoint(ckpt, map_location="cpu")
+    module = load_module(EncoderModule, ckpt)
     dm = NSDDataModule(str(store), image_sizes=[224], val_fraction=0.1, batch_size=32)
     dm.setup("fit")
     scores = ridge_vs_encoder(module, dm, ncsnr=None, split="val")

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from brainit_pl.errors import require
-from brainit_pl.files import atomic_path, atomic_write_text
+from brainit_pl.files import atomic_path, atomic_write_text, load_module
 from brainit_pl.workflows.transfer.plan import (
     Plan,
     Steps,
@@ -225,7 +225,7 @@ def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
     )  # fmt: skip
     result = fit_module(plan, module, dm, folder, "stage2.ckpt", a.epochs_stage2, "val/loss", "min")
     # The best weights are in ``module`` (validate loaded them): export what `reconstruct` reads.
-    bit = BITModule.load_from_checkpoint(semantic, map_location="cpu")
+    bit = load_module(BITModule, semantic)
     bit.net.load_state_dict(module.net.state_dict())
     with atomic_path(folder / "semantic.ckpt") as tmp:
         torch.save(bit.checkpoint_dict(), tmp)

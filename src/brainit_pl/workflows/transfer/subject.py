@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from brainit_pl.errors import require
+from brainit_pl.files import load_module
 from brainit_pl.workflows.demo import best_checkpoint
 
 MIN_TRAIN_IMAGES = 4  # fewer is not a limited-data experiment but noise
@@ -95,7 +96,7 @@ def score_features(ckpt: Path, store: Path, subject: int, kind: str = "bit") -> 
     else:
         from brainit_pl.lit.bit import BITModule as Module
     saved = read_checkpoint(ckpt, Module.__name__).get("datamodule_hyper_parameters", {})
-    return test_on_subject(Module.load_from_checkpoint(ckpt, map_location="cpu"), saved, store, subject)
+    return test_on_subject(load_module(Module, ckpt), saved, store, subject)
 
 
 def test_on_subject(module, saved: dict[str, Any], store: Path, subject: int) -> dict[str, float]:
