@@ -124,17 +124,19 @@ class UnCLIPPretrainModule(L.LightningModule):
         """An :class:`~brainit_pl.models.unclip.UnCLIPSampler` on the trained UNet and VAE at ``image_size``."""
         return UnCLIPSampler(self.unet, self.vae, image_size=self.hparams.image_size, **kwargs)
 
-    def images(self, image_224: Tensor) -> Tensor:
-        """(B, 3, H, W) images in [0, 1] → (B, 3, S, S) in [-1, 1] (anti-aliased resize, as stage 2's VAE input)."""
+    def images(self, batch: dict[str, Tensor]) -> Tensor:
+        """A batch's stimuli → (B, 3, S, S) in [-1, 1]: the smallest stored size >= S (``image_112`` or
+        ``image_224``), anti-aliased resize as stage 2's VAE input."""
         size = self.hparams.image_size
-        x = image_224.float()
+        key = "image_112" if size <= 112 and "image_112" in batch else "image_224"
+        x = batch[key].float()
         if tuple(x.shape[-2:]) != (size, size):
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         return x * 2 - 1
 
     def vae_loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """The autoencoder loss of a batch: (total, mean |x − x̂|, KL per image), and the latent samples."""
-        x = self.images(batch["image_224"])
+        x = self.images(batch)
         posterior = self.vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)  # (B, 4, h, w), unscaled
         rec = self.vae.decode(z).sample
@@ -144,14 +146,14 @@ class UnCLIPPretrainModule(L.LightningModule):
         return total, kl, z.detach()
 
     @torch.no_grad()
-    def encode(self, image_224: Tensor, generator: torch.Generator) -> Tensor:
-        """Images in [0, 1] → (B, 4, h, w) scaled latents: a posterior sample × ``scaling_factor`` (stage 2's)."""
-        posterior = self.vae.encode(self.images(image_224)).latent_dist
+    def encode(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """A batch's stimuli → (B, 4, h, w) scaled latents: a posterior sample × ``scaling_factor`` (stage 2's)."""
+        posterior = self.vae.encode(self.images(batch)).latent_dist
         return posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
 
     def diffusion_loss(self, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
         """Stage 2's ε-prediction MSE with the true CLIP tokens (dropped to N(0, 1) tokens at ``cond_dropout``)."""
-        latents = self.encode(batch["image_224"], generator)
+        latents = self.encode(batch, generator)
         b, dev = len(latents), self.device
         noise = diffusion_noise(tuple(latents.shape), self.hparams.offset_noise, generator, dev)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=generator, device=dev)
@@ -169,13 +171,15 @@ class UnCLIPPretrainModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ steps
     def setup(self, stage: str) -> None:
-        """Check that the DataModule delivers the 224² images and (for the UNet phase) CLIP tokens of the right width."""
+        """Check that the DataModule delivers the stimuli and (for the UNet phase) CLIP tokens of the right width."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
         if dm is None or stage not in ("fit", "validate"):
             return
+        size = self.hparams.image_size
         require(
-            224 in getattr(dm, "image_sizes", ()),
-            "unCLIP pretraining reads the 224² stimuli: set data.image_sizes: [224]",
+            any(s >= min(size, 224) for s in getattr(dm, "image_sizes", ())),
+            f"unCLIP pretraining at {size}² reads stimuli at least that large: set data.image_sizes: [112] "
+            "(image_size <= 112) or [224]",
         )
         max_epochs = self.trainer.max_epochs
         if max_epochs is None or max_epochs > self.hparams.vae_epochs:
@@ -200,7 +204,7 @@ class UnCLIPPretrainModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         hp = self.hparams
         key = ((hp.seed * 1_000_003 + self.current_epoch) * 1_000_003 + batch_idx) * 4099 + self.global_rank
-        gen, b = self._generator(key), len(batch["image_224"])
+        gen, b = self._generator(key), len(batch["nsd_id"])
         if self.phase == "vae":
             loss, kl, z = self.vae_loss(batch, gen)
             with torch.no_grad():
@@ -215,7 +219,7 @@ class UnCLIPPretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         gen = self._generator((self.hparams.seed + 7_919) * 1_000_003 + batch_idx * 4099 + self.global_rank)
-        b = len(batch["image_224"])
+        b = len(batch["nsd_id"])
         if self.phase == "vae":
             loss = self.vae_loss(batch, gen)[0]
         else:
