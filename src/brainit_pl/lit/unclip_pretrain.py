@@ -182,7 +182,13 @@ class UnCLIPPretrainModule(L.LightningModule):
             "(image_size <= 112) or [224]",
         )
         max_epochs = self.trainer.max_epochs
-        if max_epochs is None or max_epochs > self.hparams.vae_epochs:
+        unet_phase = max_epochs is None or max_epochs < 0 or max_epochs > self.hparams.vae_epochs
+        require(
+            unet_phase or not self.hparams.export or stage != "fit",
+            f"trainer.max_epochs ({max_epochs}) ends within the VAE phase (model.init_args.vae_epochs "
+            f"{self.hparams.vae_epochs}): nothing to export; train longer or unset model.init_args.export",
+        )
+        if unet_phase:
             shapes = getattr(dm, "feature_shapes", {})
             require("clip" in shapes, "the UNet phase reads the CLIP tokens: set data.features: [clip]")
             width = self.unet.config.cross_attention_dim
