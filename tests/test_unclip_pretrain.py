@@ -167,3 +167,39 @@ def test_cli_refuses_a_store_without_clip_tokens_in_one_line(bit_store, tmp_path
     assert "data.features: [clip]" in stderr_lines()[-1]
     assert _fit(bit_store, tmp_path, "--trainer.max_epochs", "2") == 2  # export, but only VAE epochs
     assert "ends within the VAE phase" in stderr_lines()[-1]
+
+
+@pytest.mark.slow
+def test_stage2_fine_tunes_the_export_at_its_image_size(two_phases, bit_store, tmp_path):
+    # Stage 2 reads the pretrained twin unchanged (unclip: PATH, tiny_unclip) and trains at the same 64².
+    from brainit_pl.lit.stage2 import Stage2Module
+
+    sim = CONFIG.parent
+    stage1 = tmp_path / "stage1"
+    args = ["fit", "--config", str(sim / "bit_tiny.yaml"), "--data.store", str(bit_store)]
+    args += ["--model.init_args.clusters", str(bit_store / "clusters.npz"), "--trainer.max_epochs", "1"]
+    args += ["--trainer.default_root_dir", str(stage1), "--trainer.limit_train_batches", "2"]
+    args += ["--trainer.limit_val_batches", "1", "--data.batch_size", "4"]
+    assert main(args) == 0
+    (bit_ckpt,) = stage1.rglob("last.ckpt")
+    root = tmp_path / "stage2"
+    args = ["fit", "--config", str(sim / "stage2_tiny.yaml"), "--data.store", str(bit_store)]
+    args += [
+        "--model.init_args.bit_checkpoint",
+        str(bit_ckpt),
+        "--model.init_args.unclip",
+        str(two_phases[1]),
+    ]
+    args += ["--model.init_args.image_size", "64", "--trainer.max_epochs", "1"]
+    args += ["--trainer.default_root_dir", str(root), "--trainer.limit_train_batches", "2"]
+    args += ["--trainer.limit_val_batches", "1", "--data.batch_size", "4"]
+    assert main(args) == 0
+    (last,) = root.rglob("last.ckpt")
+    module = Stage2Module.load_from_checkpoint(last, map_location="cpu")
+    pretrained = load_unclip(two_phases[1], tiny=True)
+    for key, value in pretrained.vae.state_dict().items():  # the VAE is the pretrained one, frozen
+        assert torch.equal(module.vae.state_dict()[key], value), key
+    sampler = module.sampler(num_steps=3, start_step=1, progress=False)
+    assert sampler.image_size == 64
+    tokens = _data(bit_store, 1)["clip_tokens"]
+    assert sampler(tokens, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)

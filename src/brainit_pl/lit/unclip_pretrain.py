@@ -31,7 +31,8 @@ Image size: the method samples at 256² (32² latents). On two CPU cores the VAE
 of 16, so the demo trains and samples at 64² (8² latents; the simulated demo stimuli are drawn at 128²): set
 the same ``image_size`` in stage 2 (``model.init_args.image_size``), which its sampler then uses.
 
-Optimisation: AdamW with the VAE and the UNet as two parameter groups (``vae_lr``, ``lr``); a group whose
+Optimisation: AdamW with the VAE and the UNet as two parameter groups (``vae_lr``, ``lr``), each with a
+linear warm-up and a cosine decay over its own phase (a short run ends better annealed); a group whose
 part is idle in a phase gets no gradient, which AdamW skips (no decay, no moment update). Single device:
 the idle part's parameters would make DDP wait for gradients that never come (use
 ``strategy: ddp_find_unused_parameters_true`` to run it under DDP anyway). Draws (posterior samples,
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +76,7 @@ class UnCLIPPretrainModule(L.LightningModule):
         vae_lr: AdamW learning rate of the VAE (default ``lr``).
         weight_decay: AdamW weight decay.
         warmup_steps: linear warm-up (optimizer steps, from 1 % of the rates) at the start of each phase.
+        cosine: then a half-cosine decay to 0 at the end of each phase (else constant rates).
         kl_weight: weight of the KL term (LDM's 1e-6, per image sums).
         cond_dropout: probability of replacing a sample's tokens by N(0, 1) tokens (unconditional).
         offset_noise: weight of the per-image, per-channel offset noise (stage 2's).
@@ -92,6 +95,7 @@ class UnCLIPPretrainModule(L.LightningModule):
         vae_lr: float | None = None,
         weight_decay: float = 0.01,
         warmup_steps: int = 20,
+        cosine: bool = True,
         kl_weight: float = 1e-6,
         cond_dropout: float = 0.1,
         offset_noise: float = OFFSET_NOISE,
@@ -100,11 +104,11 @@ class UnCLIPPretrainModule(L.LightningModule):
     ) -> None:
         super().__init__()
         require(vae_epochs >= 0, f"vae_epochs must be >= 0, got {vae_epochs}")
+        require(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
         require(0 <= cond_dropout < 1, f"cond_dropout must be in [0, 1), got {cond_dropout}")
         require(
             image_size % 8 == 0 and image_size >= 16, f"image_size must be a multiple of 8, got {image_size}"
         )
-        require(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
         self.save_hyperparameters(ignore=["n_voxels"])
         self.unet, self.vae = load_unclip(init, tiny=tiny, seed=seed)
         self.noise_scheduler = ddpm_scheduler()
@@ -252,26 +256,28 @@ class UnCLIPPretrainModule(L.LightningModule):
             {"params": list(self.unet.parameters()), "lr": hp.lr},
         ]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.warmup_steps == 0:
-            return optimizer
-        warm = hp.warmup_steps
-        steps_vae = self._steps_per_epoch() * hp.vae_epochs
-
-        def vae_factor(step: int) -> float:
-            return min(1.0, 0.01 + 0.99 * step / warm)
-
-        def unet_factor(step: int) -> float:
-            return min(1.0, 0.01 + 0.99 * max(step - steps_vae, 0) / warm)
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, [vae_factor, unet_factor])
+        total, per_epoch = self._stepping_batches()
+        if total is None:  # no trainer (or an unbounded run): constant rates after the warm-up
+            phases = [(0, None), (0, None)]
+        else:
+            switch = per_epoch * hp.vae_epochs
+            phases = [(0, switch), (switch, total)]
+        factors = [
+            partial(_phase_factor, start=a, end=b, warmup=hp.warmup_steps, cosine=hp.cosine)
+            for a, b in phases
+        ]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def _steps_per_epoch(self) -> int:
+    def _stepping_batches(self) -> tuple[int | None, int]:
+        """(optimizer steps of the whole run, steps per epoch), or (None, 0) without a bounded trainer."""
         trainer = self._trainer
-        if trainer is None or self.hparams.vae_epochs == 0:
-            return 0
-        total = trainer.estimated_stepping_batches  # over max_epochs
-        return int(total // max(trainer.max_epochs or 1, 1))
+        if trainer is None or not trainer.max_epochs or trainer.max_epochs < 0:
+            return None, 0
+        total = trainer.estimated_stepping_batches
+        if not math.isfinite(total):
+            return None, 0
+        return int(total), int(total // trainer.max_epochs)
 
     def on_fit_end(self) -> None:
         """Write the sgm checkpoint of the trained pair to ``export`` (rank 0)."""
@@ -292,6 +298,20 @@ class UnCLIPPretrainModule(L.LightningModule):
         save_sgm_checkpoint(tmp, self.unet, self.vae)
         tmp.replace(path)
         return path
+
+
+def _phase_factor(step: int, *, start: int, end: int | None, warmup: int, cosine: bool) -> float:
+    """The learning-rate factor of a phase's parameter group at optimizer step ``step`` of the run.
+
+    Linear warm-up from 1 % over ``warmup`` steps from ``start``; then 1, or with ``cosine`` a half cosine to
+    0 at ``end``. Outside the phase the group has no gradient, so the factor there does not matter.
+    """
+    k = max(step - start, 0)
+    factor = 0.01 + 0.99 * k / warmup if warmup and k < warmup else 1.0
+    if cosine and end is not None and end > start + warmup and k >= warmup:
+        progress = min((k - warmup) / (end - start - warmup), 1.0)
+        factor = 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
 
 
 @torch.no_grad()
