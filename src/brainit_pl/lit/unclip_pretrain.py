@@ -32,7 +32,8 @@ of 16, so the demo trains and samples at 64² (8² latents; the simulated demo s
 the same ``image_size`` in stage 2 (``model.init_args.image_size``), which its sampler then uses.
 
 Optimisation: AdamW with the VAE and the UNet as two parameter groups (``vae_lr``, ``lr``), each with a
-linear warm-up and a cosine decay over its own phase (a short run ends better annealed); a group whose
+linear warm-up at the start of its phase (and, with ``cosine``, a decay to 0 over the phase: in the demo's
+short run it ended worse than constant rates, 0.269 vs 0.188 validation ε-MSE); a group whose
 part is idle in a phase gets no gradient, which AdamW skips (no decay, no moment update). Single device:
 the idle part's parameters would make DDP wait for gradients that never come (use
 ``strategy: ddp_find_unused_parameters_true`` to run it under DDP anyway). Draws (posterior samples,
@@ -95,7 +96,7 @@ class UnCLIPPretrainModule(L.LightningModule):
         vae_lr: float | None = None,
         weight_decay: float = 0.01,
         warmup_steps: int = 20,
-        cosine: bool = True,
+        cosine: bool = False,
         kl_weight: float = 1e-6,
         cond_dropout: float = 0.1,
         offset_noise: float = OFFSET_NOISE,
