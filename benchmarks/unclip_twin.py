@@ -184,7 +184,13 @@ def main() -> None:
     show = 8
     save_image_grid(
         args.picture,
-        [gt[:show], *(images[s][:show] for s in ("random twin", "pretrained, true tokens", "pretrained, noise tokens"))],
+        [
+            gt[:show],
+            *(
+                images[s][:show]
+                for s in ("random twin", "pretrained, true tokens", "pretrained, noise tokens")
+            ),
+        ],
         size=96,
     )
 
@@ -195,7 +201,10 @@ def main() -> None:
         cells = [f"{r['mean']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]" for r in per.values()]
         print(f"| {name} | " + " | ".join(cells) + " |")
     for label, per in paired.items():
-        cells = [f"{p['mean_diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] {p['verdict']}" for p in per.values()]
+        cells = [
+            f"{p['mean_diff']:+.3f} [{p['ci'][0]:+.3f}, {p['ci'][1]:+.3f}] {p['verdict']}"
+            for p in per.values()
+        ]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"fit {fit_seconds} s, sampling {sample_seconds:.1f} s; wrote {args.out} and {args.picture}")
 

@@ -169,7 +169,6 @@ def test_cli_refuses_a_store_without_clip_tokens_in_one_line(bit_store, tmp_path
     assert "ends within the VAE phase" in stderr_lines()[-1]
 
 
-@pytest.mark.slow
 def test_stage2_fine_tunes_the_export_at_its_image_size(two_phases, bit_store, tmp_path):
     # Stage 2 reads the pretrained twin unchanged (unclip: PATH, tiny_unclip) and trains at the same 64².
     from brainit_pl.lit.stage2 import Stage2Module
