@@ -12,9 +12,14 @@ images. Systems, all from the same start noise:
 * ``pretrained, noise tokens``: N(0, 1) tokens, the sampler's unconditional input (what the model draws
   without a condition: images of the stimulus kind, but not of *this* image);
 * ``pretrained, shuffled tokens``: another test image's tokens (a control: identification at chance);
-* ``VAE round trip``: the pretrained VAE's encode → decode of the ground truth (the ceiling of the decoder).
+* ``VAE round trip``: the pretrained VAE's encode → decode of the ground truth (the ceiling of the decoder);
+* ``blurred ground truth (init)``: the ground truth through 16² and back, a stand-in for the low-level (DIP)
+  image the reconstruction chain starts the semantic stage from, and ``random twin`` / ``pretrained, from the
+  init``: the chain's img2img from it (noised to step 14 of 50, true tokens).
 
-Paired bootstraps compare "pretrained, true tokens" with the random twin and with noise tokens.
+Paired bootstraps compare "pretrained, true tokens" with the random twin and with noise tokens, and the two
+twins from the init. The picture's rows: ground truth | random twin | pretrained, true tokens | pretrained,
+noise tokens | blurred init | random twin from it | pretrained from it.
 
 usage (after ``brainit-pl simulate --preset demo`` + ``prepare`` + ``extract-features --tiny``):
   python benchmarks/unclip_twin.py --store runs/demo_store --checkpoint runs/unclip_tiny.ckpt
@@ -40,6 +45,9 @@ SYSTEMS = (
     "pretrained, noise tokens",
     "pretrained, shuffled tokens",
     "VAE round trip",
+    "blurred ground truth (init)",
+    "random twin, from the init",
+    "pretrained, from the init",
 )
 
 
@@ -75,15 +83,19 @@ def test_images(store: Path, subject: int, limit: int | None) -> dict[str, torch
     return {k: v[:limit] for k, v in out.items()} if limit else out
 
 
-def sample(models, tokens: torch.Tensor, *, image_size: int, seed: int, batch: int) -> torch.Tensor:
-    """From-scratch unCLIP samples (N, 3, 224, 224) in [0, 1], the start noise keyed by ``seed`` and the batch."""
+def sample(
+    models, tokens: torch.Tensor, *, image_size: int, seed: int, batch: int, init: torch.Tensor | None = None
+) -> torch.Tensor:
+    """unCLIP samples (N, 3, 224, 224) in [0, 1], from scratch or from ``init`` images (noised to step 14 of
+    50, as the chain does with the DIP image); the noise keyed by ``seed`` and the batch."""
     from brainit_pl.models.unclip import UnCLIPSampler
 
     sampler = UnCLIPSampler(models.unet, models.vae, image_size=image_size, progress=False)
     out = []
     for i in range(0, len(tokens), batch):
         gen = torch.Generator().manual_seed(seed * 100_003 + i)
-        images = sampler(tokens[i : i + batch], generator=gen)
+        start = None if init is None else init[i : i + batch]
+        images = sampler(tokens[i : i + batch], init_images=start, generator=gen)
         out.append(F.interpolate(images, size=(224, 224), mode="bilinear", antialias=False))
     return torch.cat(out)
 
@@ -120,6 +132,11 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "unclip_twin.json")
     parser.add_argument("--picture", type=Path, default=HERE / "results" / "unclip_twin.png")
+    parser.add_argument(
+        "--fit-seconds",
+        type=float,
+        help="the measured pretraining time of an existing --checkpoint (recorded)",
+    )
     parser.add_argument("fit_args", nargs="*", help="extra `brainit-pl fit` arguments for the pretraining")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny ops on a shared 2-core machine: one thread is fastest
@@ -129,7 +146,7 @@ def main() -> None:
     from brainit_pl.models.unclip import load_unclip
     from brainit_pl.viz.grids import save_image_grid
 
-    fit_seconds = None
+    fit_seconds = args.fit_seconds
     if not args.checkpoint.exists():
         fit_seconds = pretrain(args.store, args.checkpoint, args.checkpoint.with_suffix(""), args.fit_args)
     data = test_images(args.store, args.subject, args.limit)
@@ -141,6 +158,10 @@ def main() -> None:
     noise_tokens = torch.randn(tokens.shape, generator=gen)
     shuffled = tokens[torch.roll(torch.arange(n), 1)]
     kw = {"image_size": args.image_size, "seed": args.seed, "batch": args.batch}
+    # A stand-in for the low-level (DIP) image the chain starts the semantic stage from: the ground truth
+    # through 16² (area) and back, blurred and without detail.
+    small = F.interpolate(gt, size=(16, 16), mode="area")
+    blurred = F.interpolate(small, size=(224, 224), mode="bilinear", align_corners=False).clamp(0, 1)
     start = time.perf_counter()
     images = {
         "random twin": sample(random_twin, tokens, **kw),
@@ -148,6 +169,9 @@ def main() -> None:
         "pretrained, noise tokens": sample(pretrained, noise_tokens, **kw),
         "pretrained, shuffled tokens": sample(pretrained, shuffled, **kw),
         "VAE round trip": round_trip(pretrained, gt, args.image_size),
+        "blurred ground truth (init)": blurred,
+        "random twin, from the init": sample(random_twin, tokens, init=blurred, **kw),
+        "pretrained, from the init": sample(pretrained, tokens, init=blurred, **kw),
     }
     sample_seconds = time.perf_counter() - start
     nets = build_feature_nets("mindeye2", nets="tiny")
@@ -165,6 +189,14 @@ def main() -> None:
         }
         for other in ("random twin", "pretrained, noise tokens")
     }
+    paired["pretrained, from the init − random twin, from the init"] = {
+        m: paired_bootstrap(
+            values["pretrained, from the init"][m],
+            values["random twin, from the init"][m],
+            higher_is_better=HIGHER_IS_BETTER[m],
+        ).to_dict()
+        for m in METRICS
+    }
     report = {
         "store": str(args.store),
         "checkpoint": str(args.checkpoint),
@@ -174,7 +206,7 @@ def main() -> None:
         "sampler": "from scratch, 50 Euler steps, guidance 5, noise tokens unconditional",
         "metric_nets": "tiny (mindeye2 protocol)",
         "fit_seconds": fit_seconds,
-        "sample_seconds_4_systems": sample_seconds,
+        "sample_seconds_6_samplings": sample_seconds,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch thread(s), {platform.processor()}",
         "results": results,
         "paired": paired,
@@ -190,6 +222,8 @@ def main() -> None:
                 images[s][:show]
                 for s in ("random twin", "pretrained, true tokens", "pretrained, noise tokens")
             ),
+            *(images[s][:show] for s in ("blurred ground truth (init)", "random twin, from the init")),
+            images["pretrained, from the init"][:show],
         ],
         size=96,
     )
