@@ -31,6 +31,10 @@ Image size: the method samples at 256² (32² latents). On two CPU cores the VAE
 of 16, so the demo trains and samples at 64² (8² latents; the simulated demo stimuli are drawn at 128²): set
 the same ``image_size`` in stage 2 (``model.init_args.image_size``), which its sampler then uses.
 
+Measured (``benchmarks/unclip_twin.py``, ``benchmarks/RESULTS.md``): on the demo store the demo config takes ~3.2
+minutes on 2 CPU cores; the VAE then works and img2img from a low-level image keeps that image, but the UNet
+does not yet read the tokens (that starts after ~3,000 steps, 4× the demo's).
+
 Optimisation: AdamW with the VAE and the UNet as two parameter groups (``vae_lr``, ``lr``), each with a
 linear warm-up at the start of its phase (and, with ``cosine``, a decay to 0 over the phase: in the demo's
 short run it ended worse than constant rates, 0.269 vs 0.188 validation ε-MSE); a group whose
