@@ -117,6 +117,12 @@ def main() -> int:
         "--channels", type=int, default=16, help="DIP width [16, the demo's; the method: 128]"
     )
     parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument(
+        "--conditions",
+        nargs="+",
+        default=["truth", "truth+noise", "pred", "pred_train", "calibrated", "mean"],
+        help="which inversions to run [all]",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/lowlevel_dip.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -145,7 +151,7 @@ def main() -> int:
         "store": args.store,
         "checkpoint": args.lowlevel,
         "images": len(gt),
-        "dip": {"steps": args.steps, "channels": args.channels},
+        "dip": {"steps": args.steps, "channels": args.channels, "lr": args.lr},
         "scales": stats,
         "conditions": {},
     }
@@ -156,9 +162,9 @@ def main() -> int:
         with torch.no_grad():
             images = torch.cat([linear(p["betas"], p["voxel_ids"]) for p in test_parts])
         results["conditions"]["linear_baseline"] = score(F.interpolate(images, size=224, mode="bilinear"), gt)
-    for name, (tokens, target) in conditions.items():
+    for name, (tokens, target) in ((k, conditions[k]) for k in args.conditions):
         start = time.perf_counter()
-        images = invert_vgg_tokens(tokens, module.vgg_tokens, steps=args.steps, batch=8,
+        images = invert_vgg_tokens(tokens, module.vgg_tokens, steps=args.steps, batch=8, lr=args.lr,
                                    net=SkipConfig(channels=args.channels), progress=False)  # fmt: skip
         results["conditions"][name] = {
             **score(images, target),

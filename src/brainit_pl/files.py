@@ -240,9 +240,12 @@ def checkpoint_guard(path: str | os.PathLike | None) -> Iterator[bool]:
         with torch.serialization.safe_globals(safe_checkpoint_types()):
             yield not _TRUSTED
     except pickle.UnpicklingError as err:
-        if "weights_only" not in str(err).lower() and "weights only" not in str(err).lower():
+        message = str(err).lower()
+        if "weights_only" not in message and "weights only" not in message:
             raise
         found = _UNSAFE.search(str(err))
+        if found is None and "unsupported global" not in message:
+            raise  # not a forbidden type but an unreadable file: the caller says what it expected
         what = f" ({found.group(1)})" if found else ""
         raise BrainITError(
             f"{path} refused: reading it needs arbitrary unpickling{what}, which can run code; "
