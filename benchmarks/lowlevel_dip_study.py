@@ -116,6 +116,7 @@ def main() -> int:
     parser.add_argument(
         "--channels", type=int, default=16, help="DIP width [16, the demo's; the method: 128]"
     )
+    parser.add_argument("--lr", type=float, default=1e-3, help="DIP Adam learning rate [1e-3, the method's]")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument(
         "--conditions",
