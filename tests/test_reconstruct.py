@@ -125,3 +125,15 @@ def test_semantic_only_from_noise(bit_store, checkpoints, tmp_path):
     assert len(list((out / "subj02" / "semantic").glob("*.png"))) == 2
     assert not (out / "subj02" / "lowlevel").exists() and not (out / "metrics_semantic").exists()
     assert Path(out / "reconstructions.png").is_file()
+
+
+def test_dip_lr_reaches_the_dip(bit_store, checkpoints, tmp_path, capsys):
+    """--dip-lr is recorded in run.json and changes the low-level images (the DIP's Adam rate)."""
+    quick = ("--subjects", "1", "--nets", "none")
+    assert _reconstruct(bit_store, tmp_path / "a", checkpoints, *quick) == 0
+    assert _reconstruct(bit_store, tmp_path / "b", checkpoints, *quick, "--dip-lr", "0.01") == 0
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["dip_lr"] == 0.01
+    a, b = (np.load(tmp_path / x / "subj01" / "lowlevel.npz")["images"] for x in ("a", "b"))
+    assert not np.array_equal(a, b)
+    assert _reconstruct(bit_store, tmp_path / "c", checkpoints, *quick, "--dip-lr", "0") == 2
+    assert "--dip-lr must be positive" in capsys.readouterr().err

@@ -55,6 +55,7 @@ class ReconstructionCallback(Callback):
         refine, tiny_refine: the optional SDXL refinement.
         dip_steps: DIP steps per image at validation (a preview: fewer than the 1,800 of the method).
         test_dip_steps: DIP steps per image at test.
+        dip_lr: the DIP's Adam learning rate (larger than the method's 1e-3 for short previews).
         dip_batch: images inverted together.
         dip_channels: the DIP network's width.
         nets: metric networks of the test report (``"real"``, ``"tiny"``, or ``"none"`` to skip scoring).
@@ -75,6 +76,7 @@ class ReconstructionCallback(Callback):
         tiny_refine: bool = False,
         dip_steps: int = 300,
         test_dip_steps: int = 1800,
+        dip_lr: float = 1e-3,
         dip_batch: int = 16,
         dip_channels: int = 128,
         nets: str = "real",
@@ -92,6 +94,7 @@ class ReconstructionCallback(Callback):
             "refine": refine,
             "tiny_refine": tiny_refine,
             "weights_dir": weights_dir,
+            "dip_lr": dip_lr,
             "dip_batch": dip_batch,
             "dip_channels": dip_channels,
             "seed": seed,

@@ -39,6 +39,8 @@ class Reconstructor:
         weights_dir: the weights folder.
         device: where everything runs.
         dip_steps, dip_batch: DIP Adam steps per image and images inverted together.
+        dip_lr: the DIP's Adam learning rate (1e-3, the method's, for its 1,800 steps; a CPU preview with far
+            fewer steps needs a larger one to converge: benchmarks/RESULTS.md, session 5).
         dip_channels: the DIP network's width (128 in the method; fewer for CPU previews).
         seed: seeds the DIP networks and the diffusion noise.
 
@@ -61,6 +63,7 @@ class Reconstructor:
         weights_dir: Path | None = None,
         device: torch.device | str = "cpu",
         dip_steps: int = 1800,
+        dip_lr: float = 1e-3,
         dip_batch: int = 16,
         dip_channels: int = 128,
         seed: int = 0,
@@ -73,6 +76,7 @@ class Reconstructor:
         self.device = torch.device(device)
         self.lowlevel, self.stage2, self.semantic_stock = lowlevel, stage2, semantic_stock
         self.dip_steps, self.dip_batch, self.seed = dip_steps, dip_batch, seed
+        self.dip_lr = dip_lr
         self.dip_channels = dip_channels
         self.n_voxels: dict[int, int] = shared_voxel_table(models)
         self.samplers: dict[str, object] = {}
@@ -150,6 +154,7 @@ class Reconstructor:
                     tokens.clone(),
                     self.lowlevel.vgg_tokens,
                     steps=self.dip_steps,
+                    lr=self.dip_lr,
                     batch=self.dip_batch,
                     seed=self.seed,
                     net=SkipConfig(channels=self.dip_channels),

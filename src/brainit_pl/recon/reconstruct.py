@@ -85,6 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, help="at most N test images per subject (quick looks)")
     parser.add_argument("--dip-steps", type=int, default=1800, help="DIP Adam steps per image [1800]")
+    parser.add_argument(
+        "--dip-lr",
+        type=float,
+        default=1e-3,
+        help="DIP Adam learning rate [1e-3, the method's for 1800 steps; with far fewer steps (a CPU preview) "
+        "use a larger one, e.g. 1e-2 for 100]",
+    )
     parser.add_argument("--dip-batch", type=int, default=16, help="images inverted together [16]")
     parser.add_argument(
         "--dip-channels", type=int, default=128, help="DIP network width [128, the method's; fewer on a CPU]"
@@ -124,6 +131,7 @@ def reconstruct(
     subjects: list[int] | None = None,
     limit: int | None = None,
     dip_steps: int = 1800,
+    dip_lr: float = 1e-3,
     dip_batch: int = 16,
     dip_channels: int = 128,
     batch_size: int = 16,
@@ -154,6 +162,7 @@ def reconstruct(
             "the refinement needs a semantic stage (--stage2)",
         )
         require(dip_steps >= 1 and dip_batch >= 1 and batch_size >= 1, "steps and batch sizes must be >= 1")
+        require(dip_lr > 0, f"--dip-lr must be positive, got {dip_lr}")
         require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
         stages = [s for s, on in zip(STAGES, (lowlevel, stage2, semantic_stock, refine or tiny_refine)) if on]
         settings = {
@@ -166,6 +175,7 @@ def reconstruct(
             else None,
             "refine": "tiny" if tiny_refine else (str(refine) if refine else None),
             "dip_steps": dip_steps,
+            "dip_lr": dip_lr,
             "dip_channels": dip_channels,
             "seed": seed,
             "stages": stages,
@@ -175,7 +185,7 @@ def reconstruct(
         models = Reconstructor.from_checkpoints(
             lowlevel, stage2, semantic_stock=semantic_stock, unclip=unclip, tiny_unclip=tiny_unclip,
             refine=refine, tiny_refine=tiny_refine, weights_dir=weights_dir, device=dev, dip_steps=dip_steps,
-            dip_batch=dip_batch, dip_channels=dip_channels, seed=seed,
+            dip_lr=dip_lr, dip_batch=dip_batch, dip_channels=dip_channels, seed=seed,
         )  # fmt: skip
         loader = _test_loader(store, models.n_voxels, batch_size)
         wanted = set(models.n_voxels if subjects is None else subjects)
