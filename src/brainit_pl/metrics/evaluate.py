@@ -153,6 +153,8 @@ def evaluate_folders(
     proto = get_protocol(protocol) if antialias is None else get_protocol(protocol, antialias=antialias)
     sets = discover(recons, gt, kind)  # every folder problem surfaces before any compute
     suite = build_eval_suite(proto, nets=nets, weights_dir=weights_dir, retrieval_seed=seed).to(dev)
+    for metric in suite.values():  # one process scores the folders, also inside a DDP run: no gathering
+        metric.sync_on_compute = metric._to_sync = False  # torchmetrics copies the flag at init (_to_sync)
     per_subject, counts, ci, per_image = {}, {}, {}, {}
     for eval_set in sets:
         suite.reset()
