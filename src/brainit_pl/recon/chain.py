@@ -141,11 +141,7 @@ class Reconstructor:
         if self.lowlevel is not None:
             from brainit_pl.recon.dip import SkipConfig, invert_vgg_tokens
 
-            was_training = self.lowlevel.training
-            self.lowlevel.eval()
-            with inference_autocast(dev):
-                tokens = self.lowlevel(betas, ids).float()  # (B, 7190, width)
-            self.lowlevel.train(was_training)
+            tokens = self._predict(self.lowlevel, betas, ids)  # (B, 7190, width)
             # The DIP optimises its own networks: gradients on, also inside Lightning's inference mode
             # (validation/test hooks), with the targets cloned out of it (inference tensors can't be saved
             # for backward).
@@ -164,11 +160,7 @@ class Reconstructor:
         for stage, model in (("semantic", self.stage2), ("semantic_stock", self.semantic_stock)):
             if model is None:
                 continue
-            was_training = model.training
-            model.eval()
-            with inference_autocast(dev):
-                clip = model(betas, ids).float()  # (B, 256, width)
-            model.train(was_training)
+            clip = self._predict(model, betas, ids)  # (B, 256, width)
             images[stage] = self.samplers[stage](clip, init_images=init, generator=self._generator(batch))
         if self.refiner is not None:
             from brainit_pl.recon.refine import refine
@@ -179,6 +171,15 @@ class Reconstructor:
                 self.refiner, source, size=self.refine_size, generator=gen, progress=False
             )
         return images
+
+    def _predict(self, model: torch.nn.Module, betas: Tensor, ids: Tensor) -> Tensor:
+        """A model's float32 features in eval mode (its own mode restored: it may be the one being trained)."""
+        was_training = model.training
+        model.eval()
+        with inference_autocast(self.device):
+            out = model(betas, ids).float()
+        model.train(was_training)
+        return out
 
     def _generator(self, batch: dict[str, Tensor]) -> torch.Generator:
         """The diffusion noise of a batch: keyed by the seed and the batch's first image, not by the order."""
