@@ -26,6 +26,8 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
         "2",
         "--stage2-epochs",
         "1",
+        "--unclip-epochs",
+        "3",
     ]
     assert main(args) == 0
     summary = json.loads((out / "report" / "summary.json").read_text())
@@ -41,6 +43,7 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
         low, high = summary["recon"][stage]["pixcorr_ci"]
         assert low <= summary["recon"][stage]["pixcorr"] <= high, stage
     assert (out / "report" / "reconstructions.png").is_file() and (out / "report" / "metrics.json").is_file()
+    assert (out / "unclip_pretrain" / "unclip_tiny.ckpt").is_file() and "unclip" in summary["cpu_reductions"]
     # Every step is skipped the second time.
     timings = summary["timings_s"]
     assert main(args) == 0

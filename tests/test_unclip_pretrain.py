@@ -202,3 +202,13 @@ def test_stage2_fine_tunes_the_export_at_its_image_size(two_phases, bit_store, t
     assert sampler.image_size == 64
     tokens = _data(bit_store, 1)["clip_tokens"]
     assert sampler(tokens, generator=torch.Generator().manual_seed(0)).shape == (1, 3, 64, 64)
+    # The ablation's stock UNet is the pretrained twin as exported, sampled at the stage-2 model's size.
+    from brainit_pl.recon.chain import Reconstructor
+
+    chain = Reconstructor.from_checkpoints(
+        None, last, semantic_stock=bit_ckpt, unclip=two_phases[1], tiny_unclip=True
+    )
+    stock = chain.samplers["semantic_stock"]
+    assert stock.image_size == 64
+    for key, value in pretrained.unet.state_dict().items():
+        assert torch.equal(stock.unet.state_dict()[key], value), key

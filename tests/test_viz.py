@@ -18,6 +18,18 @@ def test_image_grid_rows_and_columns(tmp_path):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_image_grid_labels_sit_in_margins_left_and_above(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [rng.random((3, 3, 24, 24), dtype=np.float32) for _ in range(2)]
+    save_image_grid(tmp_path / "plain.png", rows, size=64)
+    labels = {"row_labels": ["ground truth", "low-level (DIP)"], "col_labels": ["s1 #3", "s1 #7", "s2 #3"]}
+    save_image_grid(tmp_path / "grid.png", rows, size=64, **labels)
+    plain, img = (np.asarray(Image.open(tmp_path / f)) for f in ("plain.png", "grid.png"))
+    top, left = img.shape[0] - plain.shape[0], img.shape[1] - plain.shape[1]
+    assert top > 0 and left > 0 and np.array_equal(img[top:, left:], plain)  # the images, unchanged
+    assert (img[:top] < 128).any() and (img[:, :left] < 128).any()  # dark text in both margins
+
+
 def test_voxel_volume_scatters_values():
     ijk = np.array([[0, 1, 2], [3, 4, 5], [6, 7, 8]])
     img = voxel_volume(np.array([1.0, 2.0, 3.0]), ijk, (7, 8, 9), np.eye(4))

@@ -33,7 +33,10 @@ class Reconstructor:
         semantic_stock: a stage-1 semantic ``BITModule`` sampled with the stock unCLIP UNet: stage
             ``semantic_stock``, the "without adapted CLIP" ablation.
         unclip: the MindEye2 unclip6 checkpoint (``None``: the weights folder) of the stock UNet.
-        tiny_unclip: the stock UNet is the tiny random twin.
+        tiny_unclip: the stock UNet has the tiny twin's architecture: ``unclip``'s tiny sgm checkpoint (a
+            twin pretrained on the stimuli), or random weights without one.
+        unclip_size: the stock UNet's image side (``None``: the stage-2 model's, so that both semantic
+            stages sample alike; without one, the real model's 256).
         refine: SDXL base (single file or diffusers folder) for the refined stage, or ``None``.
         tiny_refine: use the tiny random SDXL twin (run at 64², not 768²: a CPU budget).
         weights_dir: the weights folder.
@@ -58,6 +61,7 @@ class Reconstructor:
         semantic_stock=None,
         unclip: Path | None = None,
         tiny_unclip: bool = False,
+        unclip_size: int | None = None,
         refine: Path | None = None,
         tiny_refine: bool = False,
         weights_dir: Path | None = None,
@@ -83,8 +87,9 @@ class Reconstructor:
         if stage2 is not None:
             self.samplers["semantic"] = stage2.sampler(progress=False)
         if semantic_stock is not None:
+            size = unclip_size or (stage2.hparams.image_size if stage2 is not None else None)
             self.samplers["semantic_stock"] = self._stock_sampler(
-                semantic_stock, unclip, tiny_unclip, weights_dir
+                semantic_stock, unclip, tiny_unclip, weights_dir, size
             )
         self.refiner = None
         self.refine_size = 64 if tiny_refine else 768
@@ -97,8 +102,8 @@ class Reconstructor:
         on = (lowlevel is not None, stage2 is not None, semantic_stock is not None, self.refiner is not None)
         self.stages = [stage for stage, used in zip(STAGES, on) if used]
 
-    def _stock_sampler(self, semantic, unclip, tiny_unclip: bool, weights_dir):
-        from brainit_pl.models.unclip import UnCLIPSampler, load_unclip
+    def _stock_sampler(self, semantic, unclip, tiny_unclip: bool, weights_dir, image_size: int | None):
+        from brainit_pl.models.unclip import IMAGE_SIZE, UnCLIPSampler, load_unclip
 
         unet, vae = load_unclip(unclip, tiny=tiny_unclip, weights_dir=weights_dir)
         width = semantic.target_shape[1]
@@ -107,7 +112,12 @@ class Reconstructor:
             f"the semantic BIT predicts {width}-wide CLIP tokens but the unCLIP UNet reads "
             f"{unet.config.cross_attention_dim}-wide ones (tiny twins pair with tiny twins)",
         )
-        return UnCLIPSampler(unet.to(self.device).eval(), vae.to(self.device).eval(), progress=False)
+        return UnCLIPSampler(
+            unet.to(self.device).eval(),
+            vae.to(self.device).eval(),
+            image_size=image_size or IMAGE_SIZE,
+            progress=False,
+        )
 
     @classmethod
     def from_checkpoints(

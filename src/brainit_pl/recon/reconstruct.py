@@ -48,6 +48,12 @@ log = logging.getLogger(__name__)
 
 SIZE = 224  # every stage is saved and scored at the metrics' 224²
 GRID_IMAGES = 6  # images per subject in reconstructions.png
+STAGE_LABELS = {  # the rows of reconstructions.png
+    "lowlevel": "low-level (DIP)",
+    "semantic": "semantic (stage 2)",
+    "semantic_stock": "stock unCLIP (ablation)",
+    "refined": "refined (SDXL)",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,7 +80,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "unclip6_epoch0_step110000.ckpt]",
     )
     parser.add_argument(
-        "--tiny-unclip", action="store_true", help="the stock UNet is the random tiny twin (smoke tests)"
+        "--tiny-unclip",
+        action="store_true",
+        help="the stock UNet has the tiny twin's architecture: --unclip's tiny checkpoint (configs/sim/"
+        "unclip_pretrain_demo.yaml), else random weights (smoke tests)",
+    )
+    parser.add_argument(
+        "--unclip-size",
+        type=int,
+        help="image side of the stock UNet [the stage-2 model's, else 256]",
     )
     parser.add_argument(
         "--refine", type=Path, help="SDXL base (single file or diffusers folder): adds `refined`"
@@ -126,6 +140,7 @@ def reconstruct(
     semantic_stock: Path | None = None,
     unclip: Path | None = None,
     tiny_unclip: bool = False,
+    unclip_size: int | None = None,
     refine: Path | None = None,
     tiny_refine: bool = False,
     subjects: list[int] | None = None,
@@ -170,9 +185,7 @@ def reconstruct(
             "lowlevel": _identity(lowlevel),
             "stage2": _identity(stage2),
             "semantic_stock": _identity(semantic_stock),
-            "unclip": ("tiny" if tiny_unclip else str(unclip or "weights folder"))
-            if semantic_stock
-            else None,
+            "unclip": _stock_unclip(unclip, tiny_unclip, unclip_size) if semantic_stock else None,
             "refine": "tiny" if tiny_refine else (str(refine) if refine else None),
             "dip_steps": dip_steps,
             "dip_lr": dip_lr,
@@ -184,7 +197,7 @@ def reconstruct(
         dev = resolve_device(device)
         models = Reconstructor.from_checkpoints(
             lowlevel, stage2, semantic_stock=semantic_stock, unclip=unclip, tiny_unclip=tiny_unclip,
-            refine=refine, tiny_refine=tiny_refine, weights_dir=weights_dir, device=dev, dip_steps=dip_steps,
+            unclip_size=unclip_size, refine=refine, tiny_refine=tiny_refine, weights_dir=weights_dir, device=dev, dip_steps=dip_steps,
             dip_lr=dip_lr, dip_batch=dip_batch, dip_channels=dip_channels, seed=seed,
         )  # fmt: skip
         loader = _test_loader(store, models.n_voxels, batch_size)
@@ -294,6 +307,12 @@ def _identity(path: Path | None) -> dict[str, Any] | None:
     return {"path": str(path.resolve()), "bytes": stat.st_size, "mtime": int(stat.st_mtime)}
 
 
+def _stock_unclip(unclip: Path | None, tiny: bool, size: int | None) -> dict[str, Any]:
+    """The stock UNet of ``semantic_stock`` as a resumed run must share it."""
+    weights = _identity(unclip) if unclip else ("tiny, random" if tiny else "weights folder")
+    return {"weights": weights, "tiny": tiny, "image_size": size}
+
+
 def _check_claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
     """Refuse (writing nothing) a finished or different run in ``out``, or a foreign folder, without ``overwrite``."""
     run_file = out / "run.json"
@@ -339,6 +358,7 @@ def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, devic
     from brainit_pl.viz import save_image_grid
 
     rows: list[list[np.ndarray]] = [[] for _ in range(1 + len(stages))]
+    columns: list[str] = []
     for subject in subjects:
         sub = out / f"subj{subject:02d}"
         names = sorted(p.name for p in (sub / stages[0]).glob("*.png"))
@@ -347,10 +367,14 @@ def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, devic
             with atomic_path(sub / f"{stage}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, nsd_id=np.array([int(n[:-4]) for n in names]), images=arrays)
         shown = names[:GRID_IMAGES]
+        columns += [f"s{subject} #{int(n[:-4])}" for n in shown]
         for row, folder in zip(rows, [out / "gt" / sub.name, *(sub / s for s in stages)]):
             row.extend(np.asarray(Image.open(folder / n)) for n in shown)
     if rows[0]:
-        save_image_grid(out / "reconstructions.png", [np.stack(r) for r in rows])
+        labels = ["ground truth", *(STAGE_LABELS.get(s, s) for s in stages)]
+        save_image_grid(
+            out / "reconstructions.png", [np.stack(r) for r in rows], row_labels=labels, col_labels=columns
+        )
     results: dict[str, Any] = {}
     if nets == "none":
         return results

@@ -30,6 +30,8 @@ def save_image_grid(
     *,
     size: int = 128,
     padding: int = 2,
+    row_labels: Sequence[str] | None = None,
+    col_labels: Sequence[str] | None = None,
 ) -> None:
     """Save images as a grid PNG: one row per entry of ``rows`` (e.g. [ground truth, reconstruction]).
 
@@ -38,6 +40,8 @@ def save_image_grid(
         rows: equal-length image batches, uint8 or float in [0, 1], (N, 3, H, W) or (N, H, W, 3).
         size: every image is resized to ``size``² (bilinear, anti-aliased) so rows of different
             resolutions line up.
+        row_labels: a name per row, written in a margin on the left (e.g. the stages).
+        col_labels: a name per column, written above it (e.g. the subject and image).
     """
     batches = [_as_float_nchw(r) for r in rows]
     require(len(batches) > 0, "no images to draw")
@@ -51,5 +55,28 @@ def save_image_grid(
     ]
     grid = make_grid(torch.cat(resized).clamp(0, 1), nrow=n, padding=padding, pad_value=1.0)  # (3, H', W')
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    image = Image.fromarray(array)
+    if row_labels is not None or col_labels is not None:
+        image = _labelled(image, row_labels, col_labels, size + padding)
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        image.save(tmp, format="PNG")
+
+
+def _labelled(
+    grid: Image.Image, rows: Sequence[str] | None, cols: Sequence[str] | None, step: int
+) -> Image.Image:
+    """``grid`` with row names in a left margin and column names in a top margin (Pillow's bundled font)."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=max(10, step // 10))
+    measure = ImageDraw.Draw(grid)
+    left = 8 + max((measure.textlength(t, font=font) for t in rows or ()), default=0)
+    top = 6 + font.size * 1.4 if cols else 0
+    canvas = Image.new("RGB", (grid.width + int(left), grid.height + int(top)), "white")
+    canvas.paste(grid, (int(left), int(top)))
+    draw = ImageDraw.Draw(canvas)
+    for i, text in enumerate(rows or ()):
+        draw.text((4, top + i * step + step / 2), text, fill="black", font=font, anchor="lm")
+    for j, text in enumerate(cols or ()):
+        draw.text((left + j * step + step / 2, top / 2), text, fill="black", font=font, anchor="mm")
+    return canvas

@@ -10,10 +10,13 @@ Steps (each skipped when its output exists, so re-running is cheap; every comman
 5. synthetic fMRI of external images for every subject, and their CLIP cache;
 6. for each branch (semantic, low-level): the BIT, the MindEye2-style baseline and ridge, trained on the
    same data and targets (``configs/sim/*.yaml``), each best-val checkpoint tested on the shared images;
-7. stage 2 (``configs/sim/stage2_demo.yaml``): the semantic BIT and the tiny unCLIP UNet fine-tuned together;
+7. unCLIP pretraining at twin scale (``configs/sim/unclip_pretrain_demo.yaml``): the tiny VAE and unCLIP
+   UNet learn the stimuli of the training images from their tiny-CLIP tokens (the stand-in for MindEye2's
+   unclip6), then stage 2 (``configs/sim/stage2_demo.yaml``): the semantic BIT and that UNet fine-tuned
+   together, at the pretraining's 64²;
 8. ``reconstruct`` as the paper does it — low-level BIT → DIP, then the stage-2 model → unCLIP (stage
-   ``semantic``) — and the ablation stage-1 BIT + stock tiny unCLIP (``semantic_stock``), with the tiny
-   metric networks;
+   ``semantic``) — and the ablation stage-1 BIT + the pretrained, not fine-tuned, tiny unCLIP
+   (``semantic_stock``), with the tiny metric networks;
 9. the report ``OUT/report/``: ``metrics.md`` / ``metrics.json`` (per reconstruction stage),
    ``reconstructions.png``, ``clusters.png``, ``summary.json`` (the science in numbers).
 
@@ -82,6 +85,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="[all]")
     parser.add_argument(
         "--anatomical-bit", action="store_true", help="also train the BITs on anatomical clusters (ablation)"
+    )
+    parser.add_argument(
+        "--dip-lr", type=float, default=1e-2, help="[1e-2: for 100 steps; the method: 1e-3 for 1800]"
+    )
+    parser.add_argument(
+        "--unclip-epochs",
+        type=int,
+        default=10,
+        help="epochs of the tiny unCLIP pretraining, the VAE's 2 included (0: stage 2 adapts the random twin) [10]",
     )
     parser.add_argument("--stage2-epochs", type=int, default=3, help="epochs of stage 2 [3]")
     parser.add_argument(
@@ -183,8 +195,9 @@ class Demo:
                     store, branch, "bit_anatomical", "bit", clusters["anatomical"],
                     external if a.n_external > 0 else None)  # fmt: skip
         if "bit" in a.models and not a.no_reconstruct:
-            stage2 = self._stage2(store, ckpts["semantic/bit"])
-            self._reconstruct(store, ckpts["lowlevel/bit"], stage2, ckpts["semantic/bit"])
+            unclip = self._unclip_pretrain(store) if a.unclip_epochs > 0 else None
+            stage2 = self._stage2(store, ckpts["semantic/bit"], unclip)
+            self._reconstruct(store, ckpts["lowlevel/bit"], stage2, ckpts["semantic/bit"], unclip)
             self._linear_baseline(store)
         self._report(store)
         return self.summary
@@ -295,27 +308,44 @@ class Demo:
             row[f"{branch}_test_{name}"] = tested.get(f"test/{name}", [None])[-1]
         return ckpt
 
-    def _stage2(self, store: Path, semantic: Path) -> Path:
+    def _unclip_pretrain(self, store: Path) -> Path:
+        """The tiny unCLIP twin trained on the stimuli of the training images: its sgm checkpoint."""
+        run = self.out / "unclip_pretrain"
+        export = run / "unclip_tiny.ckpt"
+
+        def fit() -> None:
+            self.sh("fit", "--config", str(CONFIGS / "sim" / "unclip_pretrain_demo.yaml"), "--data.store", str(store),
+                    "--model.init_args.export", str(export), "--trainer.default_root_dir", str(run / "fit"),
+                    "--trainer.max_epochs", str(self.args.unclip_epochs))  # fmt: skip
+
+        self.step("unCLIP pretraining", export, fit)
+        return export
+
+    def _stage2(self, store: Path, semantic: Path, unclip: Path | None) -> Path:
         """Stage 2: the semantic BIT and the tiny unCLIP UNet fine-tuned together (the demo's adapted CLIP)."""
         run = self.out / "stage2" / "fit"
+        pretrained = ["--model.init_args.unclip", str(unclip), "--model.init_args.image_size", "64"]
 
         def fit() -> None:
             self.sh("fit", "--config", str(CONFIGS / "sim" / "stage2_demo.yaml"), "--data.store", str(store),
                     "--model.init_args.bit_checkpoint", str(semantic), "--trainer.default_root_dir", str(run),
-                    "--trainer.max_epochs", str(self.args.stage2_epochs))  # fmt: skip
+                    "--trainer.max_epochs", str(self.args.stage2_epochs), *(pretrained if unclip else []))  # fmt: skip
             (run / "done").write_text("ok\n")
 
         self.step("stage 2", run / "done", fit)
         return best_checkpoint(run)
 
-    def _reconstruct(self, store: Path, lowlevel: Path, stage2: Path, semantic: Path) -> None:
+    def _reconstruct(
+        self, store: Path, lowlevel: Path, stage2: Path, semantic: Path, unclip: Path | None
+    ) -> None:
         folder = self.out / "reconstruct"
         a = self.args
+        stock = ["--unclip", str(unclip)] if unclip else []
         # No --overwrite: an interrupted reconstruct run resumes where it stopped.
         self.step("reconstruct", folder / "metrics_semantic" / "metrics.json", lambda: self.sh(
             "reconstruct", "--store", str(store), "--out", str(folder), "--lowlevel", str(lowlevel),
-            "--stage2", str(stage2), "--semantic-stock", str(semantic), "--tiny-unclip", "--nets", "tiny",
-            "--limit", str(a.recon_images), "--dip-steps", str(a.dip_steps), "--dip-channels", "16",
+            "--stage2", str(stage2), "--semantic-stock", str(semantic), "--tiny-unclip", *stock, "--nets", "tiny",
+            "--limit", str(a.recon_images), "--dip-steps", str(a.dip_steps), "--dip-lr", str(a.dip_lr), "--dip-channels", "16",
             "--dip-batch", "8", "--batch-size", "8", "--device", "cpu"))  # fmt: skip
         names = {"lowlevel": "low_level", "semantic": "semantic", "semantic_stock": "semantic_stock"}
         names["refined"] = "refined"
@@ -368,10 +398,14 @@ class Demo:
         self.summary["noise_ceiling"] = _mean_noise_ceiling(store)
         a = self.args
         self.summary["cpu_reductions"] = {  # what this CPU demo runs instead of the paper's settings
-            "dip_steps": f"{a.dip_steps} (the method: 1800)",
+            "dip_steps": f"{a.dip_steps} at lr {a.dip_lr} (the method: 1800 at lr 1e-3)",
             "dip_channels": "16 (the method: 128)",
             "recon_images": f"{a.recon_images} shared test images per subject (the method: all)",
-            "stage2_epochs": f"{a.stage2_epochs} (the paper: 10), tiny unCLIP UNet and VAE",
+            "stage2_epochs": f"{a.stage2_epochs} (the paper: 10), tiny unCLIP UNet and VAE at 64² (the method: 256²)",
+            "unclip": f"the tiny twin pretrained {a.unclip_epochs} epochs on the training stimuli "
+            "(the method: MindEye2's unclip6)"
+            if a.unclip_epochs > 0
+            else "the random tiny twin",
             "networks": "tiny twins: CLIP, VGG16-BN (slim), unCLIP, metric networks (random weights)",
             "unchanged": "unCLIP 36 Euler steps from step 14 of 50, CFG 5 with noise tokens, contrast 0.8",
         }
