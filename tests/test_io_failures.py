@@ -238,3 +238,20 @@ def test_reconstruct_rerun_with_corrected_inputs_is_not_refused(tmp_path):
     (tmp_path / "subj01" / "lowlevel" / "00001.png").write_bytes(b"")
     with pytest.raises(BrainITError, match="interrupted run with other settings"):
         _check_claim(tmp_path, {**settings, "store": "/b"}, overwrite=False)
+
+
+def test_an_error_from_a_dataloader_worker_is_its_one_line():
+    """torch re-raises a worker's BrainITError with the worker's traceback in its message: the CLI keeps the
+    last line."""
+    from torch._utils import ExceptionWrapper
+
+    from brainit_pl.cli import _user_message
+
+    try:
+        raise BrainITError("s/subj01.h5: subject 1, row 0 of betas holds NaN or inf values")
+    except BrainITError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(BrainITError) as raised:
+        wrapped.reraise()
+    assert "Traceback" in str(raised.value)
+    assert _user_message(raised.value) == "s/subj01.h5: subject 1, row 0 of betas holds NaN or inf values"
