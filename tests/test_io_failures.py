@@ -109,6 +109,22 @@ def test_io_error_message_names_the_final_file():
     assert io_error_message(OSError(errno.EINVAL, "bad")) is None  # a bug keeps its traceback
 
 
+def test_torch_save_to_a_full_disk_is_one_line(tmp_path):
+    """``torch.save`` into an open file (as transfer writes semantic.ckpt) raises a RuntimeError whose context
+    is the OSError (or the OSError itself): that is the one line."""
+    import torch
+
+    from brainit_pl.cli import _user_message
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with open(tmp_path / "x.ckpt", "wb") as f, pytest.raises((RuntimeError, OSError)) as raised:
+        f.write = full
+        torch.save(torch.zeros(1000), f)
+    assert _user_message(raised.value).startswith("disk full")
+
+
 # ------------------------------------------------------------------------------------------- damaged inputs
 def test_truncated_image_store_is_one_line(tiny_store, tmp_path, stderr_lines):
     store = tmp_path / "store"
