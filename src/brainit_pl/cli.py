@@ -9,7 +9,9 @@ Two kinds of subcommands share one entry point:
   in its own module, which exposes ``add_arguments(parser)`` and ``run(args)``; the module is imported
   only when its subcommand runs, so ``brainit-pl --help`` stays fast.
 
-A :class:`~brainit_pl.errors.BrainITError` anywhere becomes one line on stderr and exit status 2.
+A :class:`~brainit_pl.errors.BrainITError` anywhere becomes one line on stderr and exit status 2, and so
+does an I/O failure the user fixes outside brainit-pl (a full disk, a read-only output folder): one line
+naming the file (:func:`~brainit_pl.errors.io_error_message`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 from collections.abc import Iterator, Sequence
 
 from brainit_pl import __version__
-from brainit_pl.errors import BrainITError
+from brainit_pl.errors import BrainITError, hdf5_write_failed, io_error_message
 from brainit_pl.files import trusting_checkpoints
 
 # name -> (module, one-line summary). Each module defines add_arguments(parser) and run(args).
@@ -151,6 +153,53 @@ def _fail(prog: str, message: str) -> int:
     return 2
 
 
+RESUME_HINT = "; to continue the training, add --ckpt_path last"
+
+
+def _user_failure(prog: str, err: BaseException, hint: str = "") -> int:
+    """Exit status 2 and one line for a user error or a fixable I/O failure in ``err``'s chain; else re-raise.
+
+    ``hint`` is added to a full disk's line. After HDF5 failed to write, releasing the broken file's handles crashes the interpreter: the process then
+    ends here (its outputs were already cleaned on the way up: temporaries removed, locks released).
+    """
+    message = _user_message(err)
+    if message is None:
+        raise err
+    status = _fail(prog, message + hint if message.startswith("disk full") else message)
+    if any(hdf5_write_failed(e) for e in _chain(err)):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
+
+
+def _user_message(err: BaseException) -> str | None:
+    """The one line for ``err``: the first BrainITError or fixable OSError in its chain of causes."""
+    for e in _chain(err):
+        if isinstance(e, BrainITError):
+            return _worker_message(str(e))
+        if isinstance(e, OSError) and (message := io_error_message(e)) is not None:
+            return message
+    return None
+
+
+def _worker_message(message: str) -> str:
+    """A BrainITError re-raised by a DataLoader worker carries the worker's traceback: keep its last line."""
+    if "Original Traceback" not in message:
+        return message
+    return message.strip().splitlines()[-1].split(f"{BrainITError.__name__}: ", 1)[-1]
+
+
+def _chain(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and its causes and contexts, each once."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def run_project_command(name: str, argv: Sequence[str]) -> int:
     """Parse ``argv`` for project job ``name`` and run it; user errors become one line, exit 2."""
     module_name, summary = PROJECT_COMMANDS[name]
@@ -169,8 +218,8 @@ def run_project_command(name: str, argv: Sequence[str]) -> int:
     try:
         with trusting_checkpoints(trust):
             status = module.run(args)
-    except BrainITError as err:
-        return _fail(f"brainit-pl {name}", str(err))
+    except (BrainITError, OSError) as err:
+        return _user_failure(f"brainit-pl {name}", err)
     except KeyboardInterrupt:
         return _fail(f"brainit-pl {name}", "interrupted (nothing half-written was kept)")
     return int(status or 0)
@@ -186,29 +235,13 @@ def run_lightning(argv: Sequence[str]) -> int:
     saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "brainit-pl", *argv]
     try:
         BrainITCLI()
-    except BrainITError as err:
-        return _fail(f"brainit-pl {argv[0]}", str(err))
-    except (ValueError, TypeError) as err:
+    except (BrainITError, OSError, ValueError, TypeError, RuntimeError) as err:
         # jsonargparse wraps an error raised while instantiating the model (e.g. a clusters file that does
-        # not fit the store) in its own ValueError: unwrap ours.
-        cause = _brainit_cause(err)
-        if cause is None:
-            raise
-        return _fail(f"brainit-pl {argv[0]}", str(cause))
+        # not fit the store) in its own ValueError, Lightning some in a RuntimeError: unwrap ours.
+        return _user_failure(f"brainit-pl {argv[0]}", err, hint=RESUME_HINT if argv[0] == "fit" else "")
     finally:
         sys.argv = saved
     return 0
-
-
-def _brainit_cause(err: BaseException) -> BrainITError | None:
-    """The BrainITError in ``err``'s chain of causes and contexts, if any."""
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, BrainITError):
-            return err
-        seen.add(id(err))
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ when every row is done, so a reader never sees a half-written cache.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,8 @@ from brainit_pl import __version__
 from brainit_pl.data.store import ImageStore, LazyH5, read_rows
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path
+
+log = logging.getLogger(__name__)
 
 FORMAT_NAME = "brainit-pl-features"
 FORMAT_VERSION = 1
@@ -52,6 +55,24 @@ def partial_path(path: str | os.PathLike) -> Path:
     """The in-progress name of the cache ``path`` (renamed to ``path`` when complete)."""
     path = Path(path)
     return path.with_name(path.name + ".partial")
+
+
+def discard_unreadable(partial: Path) -> bool:
+    """Delete the in-progress file ``partial`` if HDF5 cannot open it (a run stopped by a full disk leaves it
+    truncated), so that re-running the same command starts it over instead of failing on it.
+
+    Returns:
+        True if ``partial`` exists (and is readable) afterwards.
+    """
+    if not partial.exists():
+        return False
+    try:
+        with h5py.File(partial, "r"):
+            return True
+    except OSError as err:
+        log.warning("%s was left unreadable by a failed run (%s); starting it over", partial, err)
+        partial.unlink()
+        return False
 
 
 def extract_command(path: Path, backbone: str = "clip") -> str:

@@ -15,8 +15,11 @@ everything this module *returns* (``nsd_id``, trial within session) is 0-based, 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import zlib
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import numpy as np
 
 from brainit_pl.data.expdesign import ExpDesign, read_expdesign
 from brainit_pl.data.layout import NSD_BETA_SCALE, NSDLayout
-from brainit_pl.data.store import repeat_index
+from brainit_pl.data.store import open_h5, repeat_index
 from brainit_pl.data.store_writer import resize_for_store
 from brainit_pl.errors import BrainITError, require
 
@@ -110,7 +113,8 @@ class NSDReader:
         path = self.layout.nsdgeneral(subject)
         require(path.is_file(), f"nsdgeneral ROI {path} not found")
         img = _load_nifti(path)
-        mask = np.asarray(img.dataobj) > 0
+        with _reading(path):
+            mask = np.asarray(img.dataobj) > 0
         require(mask.ndim == 3, f"{path} must be a 3-D volume, found shape {mask.shape}")
         require(bool(mask.any()), f"{path} has no voxel > 0: the ROI is empty")
         return mask, np.asarray(img.affine, dtype=np.float64)
@@ -128,7 +132,8 @@ class NSDReader:
         path = self.layout.ncsnr(subject)
         if not path.is_file():
             return None
-        vol = np.asarray(_load_nifti(path).dataobj)
+        with _reading(path):
+            vol = np.asarray(_load_nifti(path).dataobj)
         require(
             vol.shape[:3] == mask.shape, f"{path} has shape {vol.shape[:3]}, the nsdgeneral mask {mask.shape}"
         )
@@ -228,7 +233,8 @@ class NSDReader:
             path = nii_path
             proxy = _load_nifti(path).dataobj
             _check_volume(path, tuple(proxy.shape[:3]), len(proxy.shape), mask.shape)
-            box = proxy[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2], :]  # (X', Y', Z', T)
+            with _reading(path):
+                box = proxy[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2], :]  # (X', Y', Z', T)
             betas = box[i, j, k, :].T  # (T, V)
         betas = np.asarray(betas, dtype=np.float32) / np.float32(NSD_BETA_SCALE)
         check_betas(betas, path, tps)
@@ -238,7 +244,7 @@ class NSDReader:
     def n_stimuli(self) -> int:
         path = self.layout.stimuli
         require(path.is_file(), f"NSD stimuli {path} not found")
-        with h5py.File(path, "r") as h5:
+        with open_h5(path, REFETCH) as h5:
             require("imgBrick" in h5, f"{path} lacks the dataset 'imgBrick'")
             return int(h5["imgBrick"].shape[0])
 
@@ -251,7 +257,7 @@ class NSDReader:
         """
 
         ids = np.asarray(nsd_ids, dtype=np.int64)
-        with h5py.File(self.layout.stimuli, "r") as h5:
+        with open_h5(self.layout.stimuli, REFETCH) as h5, _reading(self.layout.stimuli):
             brick = h5["imgBrick"]
             require(
                 ids.max() < brick.shape[0],
@@ -276,6 +282,22 @@ def _read_responses(path: Path) -> list[tuple[int, int, int]]:
             except (TypeError, ValueError) as err:
                 raise BrainITError(f"{path} line {line}: SESSION/73KID are not numbers ({err})") from err
     return rows
+
+
+REFETCH = "the file is truncated or damaged: copy it again from NSD"
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Around reading the data of a raw NSD file: a truncated or damaged one is one line naming it.
+
+    (nibabel reads a ``.nii.gz`` header at load and its data only here: a cut-off download fails now, with
+    EOFError, a zlib or gzip error; HDF5 with OSError.)
+    """
+    try:
+        yield
+    except (EOFError, OSError, zlib.error) as err:
+        raise BrainITError(f"{path} could not be read ({type(err).__name__}: {err}); {REFETCH}") from err
 
 
 def _load_nifti(path: Path):

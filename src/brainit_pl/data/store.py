@@ -81,12 +81,23 @@ class LazyH5:
     @property
     def file(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            self._file = open_h5(self.path)
             self._pid = os.getpid()
         return self._file
 
     def __getstate__(self) -> dict:
         return {"path": self.path, "_file": None, "_pid": -1}
+
+
+DAMAGED = "the file is damaged or truncated: re-create it with the command that wrote it"
+
+
+def open_h5(path: str | os.PathLike, fix: str = DAMAGED) -> h5py.File:
+    """``h5py.File(path, "r")``; a file HDF5 cannot open (truncated, not HDF5) is one line saying ``fix``."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise BrainITError(f"{path} is not a readable HDF5 file ({err}); {fix}") from err
 
 
 def read_rows(dset: h5py.Dataset, rows: np.ndarray | list[int]) -> np.ndarray:
@@ -99,8 +110,25 @@ def read_rows(dset: h5py.Dataset, rows: np.ndarray | list[int]) -> np.ndarray:
     uniq, inverse = np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
     out = np.empty((len(uniq), *dset.shape[1:]), dtype=dset.dtype)
     for j, r in enumerate(uniq.tolist()):
-        out[j] = dset[r]
+        try:
+            out[j] = dset[r]
+        except OSError as err:
+            raise BrainITError(
+                f"{dset.file.filename}: row {r} of {dset.name} unreadable ({err}); {DAMAGED}"
+            ) from err
     return out[inverse]
+
+
+def finite_rows(
+    block: np.ndarray, rows: np.ndarray | list[int], path: Path, subject: int, fix: str
+) -> np.ndarray:
+    """``block`` (the betas of ``rows``) if every value is finite; else one line naming the file, subject and
+    first bad row (NaN/inf betas would otherwise train a NaN model without a word). Costs one pass per batch."""
+    finite = np.isfinite(block).reshape(len(block), -1).all(axis=1)
+    if not finite.all():
+        row = int(np.asarray(rows)[np.argmin(finite)])
+        raise BrainITError(f"{path}: subject {subject}, row {row} of betas holds NaN or inf values; {fix}")
+    return block
 
 
 def _check_version(attrs: Mapping[str, Any], what: str) -> None:
@@ -130,8 +158,9 @@ class SubjectStore:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         require(self.path.is_file(), f"store file {self.path} not found")
+        fix = "re-run `brainit-pl prepare` (the file is damaged or truncated)"
         try:
-            with h5py.File(self.path, "r") as h5:
+            with open_h5(self.path, fix) as h5:
                 _check_version(h5.attrs, str(self.path))
                 self.subject = int(h5.attrs["subject"])
                 self.space = str(h5.attrs["space"])
@@ -146,7 +175,7 @@ class SubjectStore:
                 shape = h5["voxels/volume_shape"][()] if "voxels/volume_shape" in h5 else None
                 self.volume_shape = None if shape is None else tuple(int(n) for n in shape)
         except (OSError, KeyError) as err:
-            raise BrainITError(f"{self.path} is not a readable brainit-pl store file ({err})") from err
+            raise BrainITError(f"{self.path} is not a readable brainit-pl store file ({err}); {fix}") from err
         self._h5 = LazyH5(self.path)
 
     def betas(self, rows: np.ndarray | list[int], dtype: Any = np.float32) -> np.ndarray:
@@ -155,6 +184,7 @@ class SubjectStore:
         ``dtype=None`` keeps the stored float16 (callers that convert in torch save a slow numpy cast).
         """
         block = read_rows(self._h5.file["betas"], rows)  # (len(rows), V) float16
+        finite_rows(block, rows, self.path, self.subject, "the store is damaged: re-run `brainit-pl prepare`")
         return block if dtype is None else block.astype(dtype)
 
 
@@ -167,9 +197,13 @@ class ImageStore:
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         require(self.path.is_file(), f"image store {self.path} not found")
-        with h5py.File(self.path, "r") as h5:
-            _check_version(h5.attrs, str(self.path))
-            self.nsd_ids = h5["nsd_id"][()].astype(np.int64)
+        fix = "re-create it (`brainit-pl prepare`, or `synthesize-fmri` for external images)"
+        try:
+            with open_h5(self.path, fix) as h5:
+                _check_version(h5.attrs, str(self.path))
+                self.nsd_ids = h5["nsd_id"][()].astype(np.int64)
+        except (OSError, KeyError) as err:
+            raise BrainITError(f"{self.path} is not a readable image store ({err}); {fix}") from err
         self._row = {int(i): r for r, i in enumerate(self.nsd_ids)}
         self._h5 = LazyH5(self.path)
 

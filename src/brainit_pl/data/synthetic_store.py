@@ -31,7 +31,7 @@ import numpy as np
 
 from brainit_pl import __version__
 from brainit_pl.data.cache import image_fingerprint
-from brainit_pl.data.store import IMAGE_SIZES, ImageStore, LazyH5, read_rows
+from brainit_pl.data.store import IMAGE_SIZES, ImageStore, LazyH5, finite_rows, read_rows
 from brainit_pl.data.store_writer import resize_for_store
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path
@@ -171,7 +171,10 @@ class SyntheticFMRI:
             rows.size == 0 or (rows.min() >= 0 and rows.max() < self.n_images),
             f"image rows must lie in 0..{self.n_images - 1}",
         )
-        return read_rows(self._files[subject].file["betas"], rows).astype(np.float32)
+        lazy = self._files[subject]
+        block = read_rows(lazy.file["betas"], rows)
+        finite_rows(block, rows, lazy.path, subject, "re-run `brainit-pl synthesize-fmri --overwrite`")
+        return block.astype(np.float32)
 
     def images(self, rows: np.ndarray | list[int], size: int = 224) -> np.ndarray:
         """External images of ``rows`` → (n, 3, size, size) uint8 (size in the store's ``IMAGE_SIZES``)."""

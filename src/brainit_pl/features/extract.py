@@ -39,6 +39,7 @@ from brainit_pl.data.cache import (
     cache_path,
     check_cache_file,
     create_cache_file,
+    discard_unreadable,
     image_fingerprint,
     partial_path,
 )
@@ -141,7 +142,7 @@ def extract_features(
             log.info("%s is complete for this image store; nothing to do", final)
             return final
         dev = resolve_device(device)
-        resume = partial.exists()
+        resume = discard_unreadable(partial)
         if (
             resume
         ):  # before building the network: a wrong partial file fails in a second, not after loading 10 GB

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from brainit_pl.data.cache import image_fingerprint, partial_path
+from brainit_pl.data.cache import discard_unreadable, image_fingerprint, partial_path
 from brainit_pl.data.store import ImageStore, Store
 from brainit_pl.data.store_writer import write_images
 from brainit_pl.data.synthetic_store import (
@@ -157,7 +157,7 @@ def synthesize_fmri(
             if final.exists():
                 check_fmri_file(final, identity, finished=True, fix=fix)
                 continue
-            if partial.exists():
+            if discard_unreadable(partial):
                 check_fmri_file(partial, identity, finished=False, fix=fix)
             else:
                 create_fmri_file(

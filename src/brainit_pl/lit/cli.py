@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,8 @@ class BrainITCLI(LightningCLI):
         self._resolve_last()
         before = self._model_args()
         ckpt_path = self._subcommand_config().get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():
+            self._check_ckpt_class(ckpt_path)
         with trusting_checkpoints(self._trusted()):
             try:
                 with checkpoint_guard(ckpt_path):
@@ -67,6 +70,31 @@ class BrainITCLI(LightningCLI):
                 "the model is built from the checkpoint's hyperparameters, which replace the config's: %s",
                 "; ".join(changed),
             )
+
+    def _check_ckpt_class(self, ckpt_path: str) -> None:
+        """Refuse, before anything is built, a ``--ckpt_path`` that cannot be read (truncated, not a checkpoint)
+        or that holds another module class than the config's ``model.class_path`` (Lightning would otherwise
+        build the checkpoint's class and train it under the other config's name)."""
+        try:
+            with trusting_checkpoints(self._trusted()):
+                ckpt = load_checkpoint(ckpt_path, mmap=True)
+        except BrainITError:
+            if not self._trusted():
+                raise
+            return  # the trusted read below says the rest
+        except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+            raise BrainITError(
+                f"--ckpt_path {ckpt_path} is not a readable checkpoint ({type(err).__name__}: {err}); it is "
+                "truncated or damaged: pass another one (an earlier epoch's, or none to start over)"
+            ) from err
+        saved = ckpt.get("hyper_parameters", {}).get("_class_path") if isinstance(ckpt, dict) else None
+        model = self._subcommand_config().get("model")
+        wanted = getattr(model, "class_path", None)
+        require(
+            saved is None or wanted is None or saved == wanted,
+            f"--ckpt_path {ckpt_path} holds a {saved} but the config's model is a {wanted}; pass a checkpoint "
+            "of that model, or the config it was trained with",
+        )
 
     def _resolve_last(self) -> None:
         """``--ckpt_path last``: the newest ``checkpoints/last.ckpt`` under ``trainer.default_root_dir``.

@@ -18,7 +18,9 @@ optional ``names`` array of file names.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,28 @@ class EvalSet:
     gt_dir: Path
     names: tuple[str, ...]  # sorted PNG file names
     embeddings: Path | None = None
+
+
+@contextlib.contextmanager
+def open_image(path: Path) -> Iterator:
+    """``PIL.Image.open(path)``; a file that is not an image, or is cut off, is one line naming it (PIL reads the
+    header at open and the pixels in the block: both failures are caught)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            yield image
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:  # SyntaxError: PIL's broken-PNG chunks
+        raise BrainITError(
+            f"{path} is not a readable image ({err}); replace or delete it (a resumed `brainit-pl reconstruct` "
+            "redoes deleted images)"
+        ) from err
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """An image file → (H, W, 3) uint8 RGB (one line naming the file if it is unreadable)."""
+    with open_image(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def list_pngs(folder: Path) -> list[str]:
@@ -88,11 +112,9 @@ def _match(recon_dir: Path, gt_dir: Path) -> tuple[str, ...]:
 
 def _check_sizes(folder: Path, names: tuple[str, ...]) -> None:
     """All images of one set must share one size (they are batched); reads only the PNG headers."""
-    from PIL import Image
-
     first = None
     for name in names:
-        with Image.open(folder / name) as image:
+        with open_image(folder / name) as image:
             size = image.size
         if first is None:
             first = (name, size)
@@ -137,12 +159,7 @@ def discover(recons: Path, gt: Path, kind: str | None = None) -> list[EvalSet]:
 
 def load_images(folder: Path, names: tuple[str, ...] | list[str]) -> Tensor:
     """Read PNGs as one uint8 batch (B, 3, H, W), converted to RGB."""
-    from PIL import Image
-
-    arrays = []
-    for name in names:
-        with Image.open(folder / name) as image:
-            arrays.append(np.asarray(image.convert("RGB")))  # (H, W, 3) uint8
+    arrays = [read_rgb(folder / name) for name in names]  # (H, W, 3) uint8 each
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 

@@ -19,7 +19,8 @@ Output folder ``OUT``::
     OUT/subjNN/<stage>.npz            the same as arrays: nsd_id (N,), images (N, 3, 224, 224) uint8
     OUT/metrics_<stage>/metrics.*     the metric suite on that stage, a row per subject (evaluate's report)
     OUT/reconstructions.png           ground truth | stages, the first images of every subject
-    OUT/run.json                      the settings (a resumed run must match them); ``finished`` at the end
+    OUT/run.json                      the settings (a resumed run that saved images must match them);
+                                      ``finished`` at the end
 
 An interrupted run continues where it stopped (images whose PNGs all exist are not redone); a finished one
 is refused unless ``--overwrite``. Every PNG is written under a temporary name and renamed.
@@ -326,7 +327,7 @@ def _check_claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         )
         differ = sorted(k for k in settings if before.get(k) != settings[k])
         require(
-            not differ,
+            not differ or not _holds_images(out),  # a run stopped before its first image: nothing to keep
             f"{out} holds an interrupted run with other settings ({', '.join(differ)}); resume it with the same "
             "options or pass --overwrite",
         )
@@ -334,6 +335,11 @@ def _check_claim(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
         raise BrainITError(
             f"{out} is not empty and holds no reconstruct run; pass --overwrite or another --out"
         )
+
+
+def _holds_images(out: Path) -> bool:
+    """True once a run in ``out`` has saved a reconstruction (its work a different run must not mix with)."""
+    return any(out.glob("subj*/*/*.png"))
 
 
 def claim_folder(out: Path, settings: dict[str, Any], overwrite: bool) -> None:
@@ -355,6 +361,7 @@ def mark_finished(out: Path, settings: dict[str, Any]) -> None:
 def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, device) -> dict[str, Any]:
     """Arrays, the grid and the metric reports of a complete folder."""
     from brainit_pl.metrics.evaluate import evaluate_folders
+    from brainit_pl.metrics.folders import read_rgb
     from brainit_pl.viz import save_image_grid
 
     rows: list[list[np.ndarray]] = [[] for _ in range(1 + len(stages))]
@@ -363,13 +370,13 @@ def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, devic
         sub = out / f"subj{subject:02d}"
         names = sorted(p.name for p in (sub / stages[0]).glob("*.png"))
         for stage in stages:
-            arrays = np.stack([np.asarray(Image.open(sub / stage / n)).transpose(2, 0, 1) for n in names])
+            arrays = np.stack([read_rgb(sub / stage / n).transpose(2, 0, 1) for n in names])
             with atomic_path(sub / f"{stage}.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, nsd_id=np.array([int(n[:-4]) for n in names]), images=arrays)
         shown = names[:GRID_IMAGES]
         columns += [f"s{subject} #{int(n[:-4])}" for n in shown]
         for row, folder in zip(rows, [out / "gt" / sub.name, *(sub / s for s in stages)]):
-            row.extend(np.asarray(Image.open(folder / n)) for n in shown)
+            row.extend(read_rgb(folder / n) for n in shown)
     if rows[0]:
         labels = ["ground truth", *(STAGE_LABELS.get(s, s) for s in stages)]
         save_image_grid(

@@ -227,8 +227,8 @@ def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
     # The best weights are in ``module`` (validate loaded them): export what `reconstruct` reads.
     bit = load_module(BITModule, semantic)
     bit.net.load_state_dict(module.net.state_dict())
-    with atomic_path(folder / "semantic.ckpt") as tmp:
-        torch.save(bit.checkpoint_dict(), tmp)
+    with atomic_path(folder / "semantic.ckpt") as tmp, open(tmp, "wb") as f:
+        torch.save(bit.checkpoint_dict(), f)  # through Python's file: a full disk is an OSError (one line)
     result["semantic"] = str(folder / "semantic.ckpt")
     return result
 
