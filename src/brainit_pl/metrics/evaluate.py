@@ -44,30 +44,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nets",
         choices=("real", "tiny"),
         default="real",
-        help="feature networks: real weight files, or tiny random twins (smoke test) [real]",
+        help="feature networks: real weight files, or tiny random twins (smoke test) (default: real)",
     )
     parser.add_argument(
         "--weights-dir",
         type=Path,
         default=None,
-        help="folder of the metric weight files [$BRAINIT_WEIGHTS or ~/.cache/brainit-pl/weights]",
+        help="folder of the metric weight files (default: $BRAINIT_WEIGHTS or ~/.cache/brainit-pl/weights)",
     )
     parser.add_argument(
         "--protocol",
         choices=PROTOCOLS,
         default=DEFAULT_PROTOCOL,
-        help=f"evaluator whose preprocessing to reproduce [{DEFAULT_PROTOCOL}]",
+        help=f"evaluator whose preprocessing to reproduce (default: {DEFAULT_PROTOCOL})",
     )
     parser.add_argument(
         "--kind",
         choices=RECON_KINDS,
         default=None,
-        help="which reconstruct output to score in subjNN/<kind>/ [PNGs in subjNN/, else refined]",
+        help="which reconstruct output to score in subjNN/<kind>/ (default: PNGs in subjNN/, else refined)",
     )
     parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None, help="[cuda if available, else cpu]"
+        "--device", choices=("cpu", "cuda"), default=None, help="(default: cuda if available, else cpu)"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch [32]")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     parser.add_argument(
         "--antialias",
         action="store_true",
@@ -78,13 +78,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=RETRIEVAL_SEED,
-        help=f"seed of the retrieval subsets [{RETRIEVAL_SEED}, MindEye2's]",
+        help=f"seed of the retrieval subsets (default: {RETRIEVAL_SEED}, MindEye2's)",
     )
     parser.add_argument(
         "--n-boot",
         type=int,
         default=bootstrap.N_BOOT,
-        help=f"bootstrap resamples for the confidence intervals; 0: none [{bootstrap.N_BOOT}]",
+        help=f"bootstrap resamples for the confidence intervals; 0: none (default: {bootstrap.N_BOOT})",
     )
 
 

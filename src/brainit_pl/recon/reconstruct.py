@@ -70,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unclip",
         type=Path,
-        help="the stock UNet of --semantic-stock: MindEye2's unclip6 checkpoint [the weights folder's "
-        "unclip6_epoch0_step110000.ckpt]",
+        help="the stock UNet of --semantic-stock: MindEye2's unclip6 checkpoint (default: the weights folder's "
+        "unclip6_epoch0_step110000.ckpt)",
     )
     parser.add_argument(
         "--tiny-unclip", action="store_true", help="the stock UNet is the random tiny twin (smoke tests)"
@@ -81,28 +81,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tiny-refine", action="store_true", help="random tiny SDXL twin for `refined`")
     parser.add_argument(
-        "--subjects", type=int, nargs="+", help="subjects to reconstruct [all of the checkpoints']"
+        "--subjects", type=int, nargs="+", help="subjects to reconstruct (default: all of the checkpoints')"
     )
     parser.add_argument("--limit", type=int, help="at most N test images per subject (quick looks)")
-    parser.add_argument("--dip-steps", type=int, default=1800, help="DIP Adam steps per image [1800]")
+    parser.add_argument(
+        "--dip-steps", type=int, default=1800, help="DIP Adam steps per image (default: 1800)"
+    )
     parser.add_argument(
         "--dip-lr",
         type=float,
         default=1e-3,
-        help="DIP Adam learning rate [1e-3, the method's for 1800 steps; with far fewer steps (a CPU preview) "
-        "use a larger one, e.g. 1e-2 for 100]",
+        help="DIP Adam learning rate (default: 1e-3, the method's for 1800 steps; with far fewer steps (a CPU preview) "
+        "use a larger one, e.g. 1e-2 for 100)",
     )
-    parser.add_argument("--dip-batch", type=int, default=16, help="images inverted together [16]")
+    parser.add_argument("--dip-batch", type=int, default=16, help="images inverted together (default: 16)")
     parser.add_argument(
-        "--dip-channels", type=int, default=128, help="DIP network width [128, the method's; fewer on a CPU]"
+        "--dip-channels",
+        type=int,
+        default=128,
+        help="DIP network width (default: 128, the method's; fewer on a CPU)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="test images per step [16]")
+    parser.add_argument("--batch-size", type=int, default=16, help="test images per step (default: 16)")
     parser.add_argument(
-        "--nets", choices=("real", "tiny", "none"), default="real", help="metric networks [real]"
+        "--nets", choices=("real", "tiny", "none"), default="real", help="metric networks (default: real)"
     )
-    parser.add_argument("--weights-dir", type=Path, help="weights folder [$BRAINIT_WEIGHTS]")
-    parser.add_argument("--device", help="torch device [cuda if available, else cpu]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the DIP and diffusion noise [0]")
+    parser.add_argument("--weights-dir", type=Path, help="weights folder (default: $BRAINIT_WEIGHTS)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the DIP and diffusion noise (default: 0)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="discard a finished (or other) run in OUT")
 
 
