@@ -6,8 +6,8 @@ Every job (``brainit-pl reconstruct``, ``demo``, ...) takes, besides its own opt
   line or with underscores (``n-images: 10`` or ``n_images: 10``). OmegaConf reads it, so values may
   interpolate others (``store: ${out}/store``) and environment variables (``${oc.env:HOME}``);
 * ``--set KEY=VALUE ...``: a dot-list over the files (``--set seed=1 limit=4``);
-* ``--print-config``: print the options the job would run with, as YAML a later ``--config`` reads back,
-  and stop.
+* ``--print-config``: print the options the job would run with (keys with underscores), as YAML a later
+  ``--config`` reads back, and stop.
 
 The command line's own options win over both (``brainit-pl demo --config demo.yaml --seed 3``).
 """
@@ -92,6 +92,8 @@ def apply_job_config(parser: argparse.ArgumentParser, argv: Sequence[str]) -> No
         raise BrainITError(f"--config/--set: unknown option(s) {', '.join(unknown)} of {parser.prog}")
     for dest in values:
         actions[dest].required = False
+    for group in parser._mutually_exclusive_groups:  # one of them set: the group is satisfied
+        group.required = group.required and not any(a.dest in values for a in group._group_actions)
     parser.set_defaults(**values)
 
 
@@ -113,7 +115,7 @@ def _load(files: list[Path], dotlist: list[str]) -> dict[str, Any]:
 
 
 def printable(args: argparse.Namespace) -> str:
-    """``args`` as the YAML ``--print-config`` shows (paths as strings, keys as their option names)."""
+    """``args`` as the YAML ``--print-config`` shows (paths as strings)."""
     from omegaconf import OmegaConf
 
     plain = json.loads(json.dumps(vars(args), default=str))
