@@ -32,17 +32,18 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path, atomic_write_text, output_lock
-from brainit_pl.recon.chain import STAGES, Reconstructor
+
+if TYPE_CHECKING:  # torch is imported where it runs: `brainit-pl reconstruct --help` stays fast
+    import torch
+
+    from brainit_pl.recon.chain import Reconstructor
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,8 @@ def reconstruct(
         require(dip_steps >= 1 and dip_batch >= 1 and batch_size >= 1, "steps and batch sizes must be >= 1")
         require(dip_lr > 0, f"--dip-lr must be positive, got {dip_lr}")
         require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
+        from brainit_pl.recon.chain import STAGES, Reconstructor  # torch: not for `--help`
+
         stages = [s for s, on in zip(STAGES, (lowlevel, stage2, semantic_stock, refine or tiny_refine)) if on]
         settings = {
             "store": str(Path(store).resolve()),
@@ -188,6 +191,8 @@ def reconstruct(
             "stages": stages,
         }
         _check_claim(out, settings, overwrite)  # refusals first: loading real models takes minutes
+        from brainit_pl.devices import resolve_device
+
         dev = resolve_device(device)
         models = Reconstructor.from_checkpoints(
             lowlevel, stage2, semantic_stock=semantic_stock, unclip=unclip, tiny_unclip=tiny_unclip,
@@ -215,7 +220,7 @@ def reconstruct(
                 done_per_subject[subject] = done_per_subject.get(subject, 0) + 1
                 rows.append(i)
             if rows:
-                reconstruct_missing(out, {k: v[torch.tensor(rows)] for k, v in batch.items()}, models)
+                reconstruct_missing(out, {k: v[rows] for k, v in batch.items()}, models)
         results = finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
         mark_finished(out, settings)
         log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
@@ -253,10 +258,9 @@ def reconstruct_missing(out: Path, batch: dict[str, torch.Tensor], chain: Recons
             gt_missing.append(i)  # reconstructed by an earlier run: only its ground truth to write
     if gt_missing:
         names = [_name(batch["nsd_id"][i]) for i in gt_missing]
-        _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"][torch.tensor(gt_missing)])
+        _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"][gt_missing])
     if keep:
-        rows = torch.tensor(keep)
-        part = {k: v[rows] for k, v in batch.items()}
+        part = {k: v[keep] for k, v in batch.items()}
         save_batch(out, part, chain(part))
 
 
@@ -271,16 +275,16 @@ def save_batch(out: Path, batch: dict[str, torch.Tensor], images: dict[str, torc
 def _resize(images: torch.Tensor) -> torch.Tensor:
     if images.shape[-1] == SIZE:
         return images
-    return F.interpolate(
+    from torch.nn.functional import interpolate
+
+    return interpolate(
         images.float(), size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False
     )
 
 
 def _save_pngs(folder: Path, names: list[str], images: torch.Tensor) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = (
-        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     for name, hwc in zip(names, pixels):
         with atomic_path(folder / name) as tmp:
             Image.fromarray(hwc).save(tmp, format="PNG")
