@@ -18,15 +18,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError
 from brainit_pl.files import atomic_write_text
 from brainit_pl.metrics import bootstrap
 from brainit_pl.metrics.folders import RECON_KINDS, discover, load_embeddings, load_images
-from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
-from brainit_pl.metrics.report import format_value, make_results, write_reports
-from brainit_pl.metrics.retrieval import RETRIEVAL_SEED
-from brainit_pl.metrics.suite import build_eval_suite, per_image_values, summarize
+from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, RETRIEVAL_SEED, get_protocol
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         antialias=True if args.antialias else None,  # None: the protocol default
         n_boot=args.n_boot,
     )
+    from brainit_pl.metrics.report import format_value
+
     mean = ", ".join(f"{name} {format_value(name, v)}" for name, v in results["mean"].items())
     log.info("%s protocol, %d test images; mean: %s", args.protocol, results["n_images"], mean)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
@@ -148,6 +146,10 @@ def evaluate_folders(
         The results dict (the content of metrics.json) and the report files written in ``out``.
     """
     from tqdm.auto import tqdm
+
+    from brainit_pl.devices import resolve_device  # torch: imported here, not for `--help`
+    from brainit_pl.metrics.report import make_results, write_reports
+    from brainit_pl.metrics.suite import build_eval_suite, per_image_values, summarize
 
     dev = resolve_device(device)
     proto = get_protocol(protocol) if antialias is None else get_protocol(protocol, antialias=antialias)

@@ -37,20 +37,15 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_path, atomic_write_text, load_module
-from brainit_pl.workflows.transfer.plan import (
-    Plan,
-    Steps,
-    file_identity,
-    fit_module,
-    seed_run,
-)
+
+if TYPE_CHECKING:  # torch and Lightning are imported where they run: `brainit-pl transfer --help` is fast
+    from brainit_pl.workflows.transfer.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- inputs
 def _encoder_step(plan: Plan, folder: Path) -> dict:
     from brainit_pl.lit.encoder import EncoderModule
+    from brainit_pl.workflows.transfer.plan import fit_module, seed_run
 
     seed_run(plan)
     module = EncoderModule.transfer_from(plan.args.encoder, plan.new, lr=plan.args.lr_encoder)
@@ -129,6 +125,8 @@ def _encoder_step(plan: Plan, folder: Path) -> dict:
 
 def _v2c_step(plan: Plan, folder: Path) -> dict:
     """Nearest reference voxel of each of S's voxels: its cluster, and the BITs' init source."""
+    import torch
+
     from brainit_pl.lit.checkpoints import read_checkpoint
     from brainit_pl.models.encoder import move_voxel_ids, voxel_offsets
     from brainit_pl.models.v2c import ClusterMap, l2_normalise, nearest_reference, save_clusters
@@ -196,7 +194,10 @@ def _synthetic_step(plan: Plan, folder: Path) -> dict:
 
 
 def _bit_step(plan: Plan, folder: Path, branch: str, external: Path | None) -> dict:
+    import torch
+
     from brainit_pl.lit.bit import BITModule
+    from brainit_pl.workflows.transfer.plan import fit_module, seed_run
 
     a = plan.args
     neighbours = None
@@ -214,8 +215,11 @@ def _bit_step(plan: Plan, folder: Path, branch: str, external: Path | None) -> d
 
 def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
     """S's rows of the semantic BIT trained with the diffusion loss; the adapted BIT (and UNet) exported."""
+    import torch
+
     from brainit_pl.lit.bit import BITModule
     from brainit_pl.lit.stage2 import Stage2Module
+    from brainit_pl.workflows.transfer.plan import fit_module, seed_run
 
     a = plan.args
     semantic = plan.out / "semantic" / "semantic.ckpt"
@@ -276,6 +280,8 @@ def transfer(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         BrainITError: bad inputs (:class:`Plan`), a finished step of other settings in OUT, bad options.
     """
+    from brainit_pl.workflows.transfer.plan import Plan, Steps, file_identity
+
     require(args.external_images >= 0, f"--external-images must be >= 0, got {args.external_images}")
     require(args.epochs_stage2 >= 0, f"--epochs-stage2 must be >= 0, got {args.epochs_stage2}")
     plan = Plan(args)
