@@ -1,11 +1,15 @@
 """The command line: help everywhere, one-line errors, every shipped config parses."""
 
+import importlib
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from brainit_pl import __version__
-from brainit_pl.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, main
+from brainit_pl.cli import LIGHTNING_COMMANDS, PROJECT_COMMANDS, _job_parser, main
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -114,3 +118,26 @@ def test_job_options_from_yaml_with_interpolation_and_dotlist(tmp_path, capsys):
     )
     again = capsys.readouterr().out
     assert "out: elsewhere" in again and "sessions: 3" in again  # the command line wins
+
+
+@pytest.mark.parametrize("name", sorted(PROJECT_COMMANDS))
+def test_help_texts_state_defaults_one_way(name):
+    module = importlib.import_module(PROJECT_COMMANDS[name][0])
+    parser = _job_parser(name, module, "")
+    for action in parser._actions:
+        assert not re.search(r"\[[^\]]*\]\s*$", action.help or ""), f"{action.dest}: write (default: ...)"
+    assert "(default: " in parser.format_help() or name == "config"
+
+
+def test_project_help_imports_no_torch():
+    """Every job's parser is built without torch or Lightning (`--help` in well under 2 s:
+    benchmarks/cli_help.py)."""
+    code = (
+        "import importlib, sys\n"
+        "from brainit_pl.cli import PROJECT_COMMANDS, _job_parser\n"
+        "for name, (module, _) in PROJECT_COMMANDS.items():\n"
+        "    _job_parser(name, importlib.import_module(module), '').format_help()\n"
+        "print(sorted(m for m in ('torch', 'lightning', 'torchmetrics') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
