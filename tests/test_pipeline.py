@@ -52,17 +52,17 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
 
 
 def test_the_configs_the_workflows_run_exist():
-    """The demo and transfer-demo read configs from the checkout: every one they name is there (fast)."""
+    """The demo and transfer-demo read packaged configs: every one they name ships (fast)."""
     import re
     from pathlib import Path
 
-    from brainit_pl.workflows.demo import CONFIGS, MODELS
+    from brainit_pl.packaged_configs import config_names
+    from brainit_pl.workflows.demo import MODELS
 
-    assert CONFIGS.is_dir(), CONFIGS
     src = Path(__file__).parents[1] / "src" / "brainit_pl" / "workflows"
-    named = {m for f in src.rglob("*.py") for m in re.findall(r'CONFIGS / "([\w.]+\.yaml)"', f.read_text())}
-    named |= {f"sim/{kind}_{branch}.yaml" for kind in MODELS.values() for branch in ("semantic", "lowlevel")}
-    named.add("sim/stage2_demo.yaml")
-    assert {"demo.yaml", "encoder_demo.yaml"} <= named
-    for name in named:
-        assert (CONFIGS / name).is_file(), name
+    named = {
+        m for f in src.rglob("*.py") for m in re.findall(r'packaged_config\("([\w/]+)"\)', f.read_text())
+    }
+    named |= {f"sim/{kind}_{branch}" for kind in MODELS.values() for branch in ("semantic", "lowlevel")}
+    assert {"demo", "encoder_demo", "sim/stage2_demo"} <= named
+    assert named <= set(config_names())

@@ -5,13 +5,16 @@ Two kinds of subcommands share one entry point:
 * Lightning's ``fit``, ``validate``, ``test`` and ``predict`` go to :class:`BrainITCLI`
   (a :class:`~lightning.pytorch.cli.LightningCLI`): the typed constructor signatures of the
   LightningModule and :class:`~brainit_pl.data.datamodule.NSDDataModule` are the config schema.
+  ``--config`` also takes the name of a packaged config (``brainit-pl config list``).
 * Project jobs (``simulate``, ``prepare``, ``evaluate``, ...) are plain argparse subcommands. Each lives
   in its own module, which exposes ``add_arguments(parser)`` and ``run(args)``; the module is imported
-  only when its subcommand runs, so ``brainit-pl --help`` stays fast.
+  only when its subcommand runs, so ``brainit-pl --help`` stays fast. Every job also reads its options
+  from ``--config JOB.yaml`` (OmegaConf: ``${...}`` interpolation) and ``--set KEY=VALUE`` dot-lists, with
+  the command line's own options over both; ``--print-config`` prints the options it would run with.
 
-A :class:`~brainit_pl.errors.BrainITError` anywhere becomes one line on stderr and exit status 2, and so
-does an I/O failure the user fixes outside brainit-pl (a full disk, a read-only output folder): one line
-naming the file (:func:`~brainit_pl.errors.io_error_message`).
+A :class:`~brainit_pl.errors.BrainITError` anywhere, and any bad option, becomes one line on stderr and
+exit status 2, and so does an I/O failure the user fixes outside brainit-pl (a full disk, a read-only output
+folder): one line naming the file (:func:`~brainit_pl.errors.io_error_message`).
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from types import ModuleType
 
-from brainit_pl import __version__
+from brainit_pl import __version__, job_config
 from brainit_pl.errors import BrainITError, hdf5_write_failed, io_error_message
 from brainit_pl.files import trusting_checkpoints
+from brainit_pl.packaged_configs import resolve_config_arg
 
 # name -> (module, one-line summary). Each module defines add_arguments(parser) and run(args).
 PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
@@ -70,7 +75,14 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.workflows.transfer.demo",
         "hold out a simulated subject: transfer from 1 h vs scratch vs all data, one report (make transfer-1h)",
     ),
+    "config": (
+        "brainit_pl.packaged_configs",
+        "list, show or copy the configs that ship with brainit-pl (`fit --config NAME` runs one)",
+    ),
 }
+
+# The commands without --config/--set/--print-config (brainit_pl.job_config): `config` only shows files.
+PLAIN_COMMANDS = ("config",)
 
 # The jobs that read checkpoints a user passes: they take --trust-checkpoint (see brainit_pl.files).
 CHECKPOINT_COMMANDS = ("cluster", "synthesize-fmri", "reconstruct", "transfer", "transfer-demo")
@@ -80,7 +92,7 @@ TRUST_HELP = (
 )
 
 LIGHTNING_COMMANDS: dict[str, str] = {
-    "fit": "train a model (LightningCLI; --config configs/<name>.yaml)",
+    "fit": "train a model (LightningCLI; --config NAME from `brainit-pl config list`, or a YAML file)",
     "validate": "run the validation loop on a checkpoint",
     "test": "reconstruct the shared test images and score them",
     "predict": "run prediction on a checkpoint",
@@ -106,7 +118,7 @@ def _top_help() -> str:
         "typical use:",
         "  brainit-pl simulate --out sim/nsd --preset tiny",
         "  brainit-pl prepare --nsd-root sim/nsd --out sim/store",
-        "  brainit-pl fit --config configs/subj01.yaml",
+        "  brainit-pl fit --config subj01",
         "",
         "options:",
         "  -h, --help   show this message and exit",
@@ -204,18 +216,14 @@ def run_project_command(name: str, argv: Sequence[str]) -> int:
     """Parse ``argv`` for project job ``name`` and run it; user errors become one line, exit 2."""
     module_name, summary = PROJECT_COMMANDS[name]
     module = importlib.import_module(module_name)
-    doc = (module.__doc__ or "").strip()
-    parser = argparse.ArgumentParser(
-        prog=f"brainit-pl {name}",
-        description=doc or summary,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    module.add_arguments(parser)
-    if name in CHECKPOINT_COMMANDS:
-        parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
-    args = parser.parse_args(list(argv))
-    trust = vars(args).pop("trust_checkpoint", False)  # jobs pass their args on as keywords: not theirs
+    parser = _job_parser(name, module, summary)
     try:
+        if name not in PLAIN_COMMANDS:
+            job_config.apply_job_config(parser, argv)
+        args = parser.parse_args(list(argv))
+        if name not in PLAIN_COMMANDS and job_config.pop_config_options(args):
+            return 0
+        trust = vars(args).pop("trust_checkpoint", False)  # jobs pass their args on as keywords: not theirs
         with trusting_checkpoints(trust):
             status = module.run(args)
     except (BrainITError, OSError) as err:
@@ -225,23 +233,68 @@ def run_project_command(name: str, argv: Sequence[str]) -> int:
     return int(status or 0)
 
 
+def _job_parser(name: str, module: ModuleType, summary: str) -> argparse.ArgumentParser:
+    """The parser of job ``name``: its module's options, ``--trust-checkpoint`` and the YAML options."""
+    parser = job_config.Parser(
+        prog=f"brainit-pl {name}",
+        description=(module.__doc__ or "").strip() or summary,
+        formatter_class=job_config.HelpFormatter,
+    )
+    module.add_arguments(parser)
+    if name in CHECKPOINT_COMMANDS:
+        parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
+    if name not in PLAIN_COMMANDS:
+        job_config.add_config_options(parser)
+    return parser
+
+
 def run_lightning(argv: Sequence[str]) -> int:
     """Run a LightningCLI subcommand (fit / validate / test / predict)."""
+    prog = f"brainit-pl {argv[0]}"
+    try:
+        argv = _lightning_argv(argv)
+    except BrainITError as err:
+        return _fail(prog, str(err))
+    from jsonargparse import ArgumentError
+
     from brainit_pl.lit.cli import BrainITCLI
 
     # LightningCLI reads sys.argv, and Lightning's DDP launcher re-runs sys.argv in each child process:
     # both must see this command, also when main() is called from Python with its own argv.
-    argv = ["--trust_checkpoint" if a == "--trust-checkpoint" else a for a in argv]  # either spelling
     saved, sys.argv = sys.argv, [sys.argv[0] if sys.argv else "brainit-pl", *argv]
     try:
         BrainITCLI()
+    except ArgumentError as err:  # a bad option or value: one line, not jsonargparse's usage
+        return _fail(prog, f"{_one_line(str(err))} (see --help)")
     except (BrainITError, OSError, ValueError, TypeError, RuntimeError) as err:
         # jsonargparse wraps an error raised while instantiating the model (e.g. a clusters file that does
         # not fit the store) in its own ValueError, Lightning some in a RuntimeError: unwrap ours.
-        return _user_failure(f"brainit-pl {argv[0]}", err, hint=RESUME_HINT if argv[0] == "fit" else "")
+        return _user_failure(prog, err, hint=RESUME_HINT if argv[0] == "fit" else "")
     finally:
         sys.argv = saved
     return 0
+
+
+def _lightning_argv(argv: Sequence[str]) -> list[str]:
+    """``argv`` with ``--trust-checkpoint`` in either spelling and ``--config NAME`` as a packaged config's
+    path (:func:`~brainit_pl.packaged_configs.resolve_config_arg`)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        option, eq, value = arg.partition("=")
+        if eq and option == "--config":
+            arg = f"--config={resolve_config_arg(value)}"
+        elif i > 0 and argv[i - 1] in ("-c", "--config"):
+            arg = resolve_config_arg(arg)
+        out.append("--trust_checkpoint" if arg == "--trust-checkpoint" else arg)
+    return out
+
+
+def _one_line(message: str) -> str:
+    """jsonargparse's multi-line message as one line: its head and, when it names one, the given value."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()] or ["invalid option"]
+    head = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    given = [line for line in lines[2:] if line.startswith("Given value:")]
+    return f"{head} ({given[0]})" if given else head
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,6 +18,8 @@ LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "errors": ("the one error type of a clean refusal", ()),
     "files": ("atomic writes, output locks, the one checkpoint reader", ("errors",)),
     "devices": ("device and autocast choice", ("errors",)),
+    "packaged_configs": ("the configs that ship in the package (brainit-pl config)", ("errors",)),
+    "job_config": ("the jobs' help, one-line errors and options from YAML", ("errors",)),
     "viz": ("image grids, brain maps", ("errors", "files")),
     "backbones": ("frozen pretrained networks + tiny twins", ("errors", "files", "devices")),
     "data.layout": ("NSD's file layout and constants", ()),
@@ -51,7 +53,19 @@ LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
     ),
     "workflows": (
         "the demo: every job in order on the simulated NSD",
-        ("errors", "files", "devices", "viz", *DATA, "metrics", "models", "lit", "recon", "features"),
+        (
+            "errors",
+            "files",
+            "devices",
+            "packaged_configs",
+            "viz",
+            *DATA,
+            "metrics",
+            "models",
+            "lit",
+            "recon",
+            "features",
+        ),
     ),
     "workflows.transfer": (
         "a new subject from little data (transfer, its demo and report)",
@@ -59,6 +73,7 @@ LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "errors",
             "files",
             "devices",
+            "packaged_configs",
             "viz",
             *DATA,
             "metrics",
@@ -69,7 +84,7 @@ LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
             "workflows",
         ),
     ),
-    "cli": ("brainit-pl: every command", ("errors", "files", "lit")),
+    "cli": ("brainit-pl: every command", ("errors", "files", "packaged_configs", "job_config", "lit")),
     "layers": ("this table", ()),
 }
 

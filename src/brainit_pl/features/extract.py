@@ -27,10 +27,10 @@ import argparse
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from brainit_pl.data.cache import (
@@ -45,9 +45,11 @@ from brainit_pl.data.cache import (
 )
 from brainit_pl.data.store import ImageStore, Store
 from brainit_pl.data.synthetic_store import IMAGES_FILE
-from brainit_pl.devices import inference_autocast, resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import output_lock
+
+if TYPE_CHECKING:  # torch is imported where it runs: `brainit-pl extract-features --help` stays fast
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +143,8 @@ def extract_features(
             _check_existing(final, images, fingerprint, identity, finished=True)
             log.info("%s is complete for this image store; nothing to do", final)
             return final
+        from brainit_pl.devices import resolve_device
+
         dev = resolve_device(device)
         resume = discard_unreadable(partial)
         if (
@@ -207,13 +211,19 @@ def _build(pretrained: str | os.PathLike | None, tiny: bool, weights_dir: str | 
     return build_clip(pretrained=pretrained, tiny=tiny, weights_dir=weights_dir)
 
 
-@torch.inference_mode()
 def _encode(net: torch.nn.Module, pixels: np.ndarray, device: torch.device) -> np.ndarray:
     """uint8 images (B, 3, 224, 224) → tokens (B, T, D) float16."""
-    x = torch.from_numpy(pixels).to(device).float().div_(255.0)  # [0, 1], as the store's readers give them
-    with inference_autocast(device):
-        tokens = net(x)  # (B, T, D)
-    return tokens.float().cpu().numpy().astype(np.float16)
+    import torch
+
+    from brainit_pl.devices import inference_autocast
+
+    with torch.inference_mode():
+        x = (
+            torch.from_numpy(pixels).to(device).float().div_(255.0)
+        )  # [0, 1], as the store's readers give them
+        with inference_autocast(device):
+            tokens = net(x)  # (B, T, D)
+        return tokens.float().cpu().numpy().astype(np.float16)
 
 
 def _fill(

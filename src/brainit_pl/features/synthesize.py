@@ -32,10 +32,10 @@ import os
 import pickle
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from brainit_pl.data.cache import discard_unreadable, image_fingerprint, partial_path
@@ -52,9 +52,11 @@ from brainit_pl.data.synthetic_store import (
     hdf5_source,
     simulated_source,
 )
-from brainit_pl.devices import inference_autocast, resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path, load_module, output_lock
+
+if TYPE_CHECKING:  # torch is imported where it runs: `brainit-pl synthesize-fmri --help` stays fast
+    import torch
 
 log = logging.getLogger(__name__)
 DEFAULT_SIM_SIZE = 425  # NSD's stimulus side, for simulated images next to a store that is not simulated
@@ -167,9 +169,14 @@ def synthesize_fmri(
         if not partials:
             log.info("%s is complete for this checkpoint and image set; nothing to do", out)
             return out
+        import torch
+
+        from brainit_pl.devices import resolve_device
+
         dev = resolve_device(device)
         try:
-            _fill(partials, image_store, module.to(dev), dev, batch_size)
+            with torch.inference_mode():
+                _fill(partials, image_store, module.to(dev), dev, batch_size)
         except BaseException:
             log.warning("synthesis stopped; re-run the same command to resume in %s", out)
             raise
@@ -263,15 +270,19 @@ def _external_images(
     return ImageStore(final)
 
 
-@torch.inference_mode()
 def _fill(
     partials: dict[int, Path], images: ImageStore, module, device: torch.device, batch_size: int
 ) -> None:
-    """Compute every row any subject's partial file lacks: one backbone pass per image, then each readout.
+    """Compute every row any subject's partial file lacks: one backbone pass per image, then each readout
+    (under the caller's ``torch.inference_mode``).
 
     The backbone dominates the cost (a DINOv2 ViT-L pass vs a voxel readout), so the tokens of a batch are
     shared by all subjects instead of calling ``predict_voxels`` once per subject (same arithmetic).
     """
+    import torch
+
+    from brainit_pl.devices import inference_autocast
+
     enc = module.encoder
     with contextlib.ExitStack() as stack:
         files = {s: stack.enter_context(h5py.File(p, "r+")) for s, p in partials.items()}

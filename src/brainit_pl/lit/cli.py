@@ -28,14 +28,21 @@ class BrainITCLI(LightningCLI):
     """LightningCLI with the NSDDataModule fixed and any LightningModule subclass as the model."""
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
+        """A bad option or value raises jsonargparse's ``ArgumentError`` (the caller prints one line) instead
+        of printing the whole usage and exiting."""
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        raising = {"exit_on_error": False}
         super().__init__(
             model_class=LightningModule,
             datamodule_class=NSDDataModule,
             subclass_mode_model=True,
             subclass_mode_data=False,
             args=args,
-            parser_kwargs={"description": "brainit-pl: train and evaluate on a prepared NSD store."},
+            parser_kwargs={
+                "description": "brainit-pl: train and evaluate on a prepared NSD store.",
+                **raising,
+                **{name: dict(raising) for name in self.subcommands()},
+            },
             **kwargs,
         )
 

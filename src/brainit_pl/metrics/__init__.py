@@ -18,31 +18,48 @@ Layer (:mod:`brainit_pl.layers`): may import ``backbones`` (weights, the frozen 
 data, models or Lightning modules.
 """
 
-from brainit_pl.metrics.bootstrap import bootstrap_ci, paired_bootstrap
-from brainit_pl.metrics.identification import (
-    CorrelationDistance,
-    TwoWayIdentification,
-    two_way_identification,
-)
-from brainit_pl.metrics.image import SSIM, InvalidInputError, PixCorr, check_images
-from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOL_VERSIONS, PROTOCOLS, get_protocol
-from brainit_pl.metrics.report import (
-    comparability,
-    log_to_tensorboard,
-    make_results,
-    read_results,
-    write_reports,
-)
-from brainit_pl.metrics.retrieval import Retrieval
-from brainit_pl.metrics.suite import (
-    METRIC_NAMES,
-    build_eval_suite,
-    build_feature_nets,
-    per_image_values,
-    summarize,
-)
+from __future__ import annotations
 
-__all__ = [
+import importlib
+from typing import Any
+
+# name -> the submodule that defines it. Imported on first use (PEP 562), so that reading a constant of
+# one submodule (``brainit-pl evaluate --help``) does not import torchmetrics and the feature networks.
+_EXPORTS = {
+    "bootstrap_ci": "bootstrap",
+    "paired_bootstrap": "bootstrap",
+    "CorrelationDistance": "identification",
+    "TwoWayIdentification": "identification",
+    "two_way_identification": "identification",
+    "SSIM": "image",
+    "InvalidInputError": "image",
+    "PixCorr": "image",
+    "check_images": "image",
+    "DEFAULT_PROTOCOL": "protocols",
+    "PROTOCOL_VERSIONS": "protocols",
+    "PROTOCOLS": "protocols",
+    "get_protocol": "protocols",
+    "comparability": "report",
+    "log_to_tensorboard": "report",
+    "make_results": "report",
+    "read_results": "report",
+    "write_reports": "report",
+    "Retrieval": "retrieval",
+    "METRIC_NAMES": "suite",
+    "build_eval_suite": "suite",
+    "build_feature_nets": "suite",
+    "per_image_values": "suite",
+    "summarize": "suite",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+__all__ = [  # noqa: F822 (defined through __getattr__)
     "DEFAULT_PROTOCOL",
     "METRIC_NAMES",
     "PROTOCOLS",

@@ -15,11 +15,15 @@ interval, and two systems compared with one seed see the same resamples.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 N_BOOT = 1000
 LEVEL = 0.95
@@ -27,7 +31,8 @@ SEED = 0
 
 
 def _as_array(values: Sequence[float] | np.ndarray | Tensor, what: str) -> np.ndarray:
-    if isinstance(values, Tensor):
+    torch = sys.modules.get("torch")  # a tensor means torch is loaded: plain values need no torch import
+    if torch is not None and isinstance(values, torch.Tensor):
         values = values.detach().double().cpu().numpy()
     array = np.asarray(values, dtype=np.float64)
     if array.ndim != 1 or array.size == 0:

@@ -18,15 +18,11 @@ import argparse
 import logging
 from pathlib import Path
 
-from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError
 from brainit_pl.files import atomic_write_text
 from brainit_pl.metrics import bootstrap
 from brainit_pl.metrics.folders import RECON_KINDS, discover, load_embeddings, load_images
-from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, get_protocol
-from brainit_pl.metrics.report import format_value, make_results, write_reports
-from brainit_pl.metrics.retrieval import RETRIEVAL_SEED
-from brainit_pl.metrics.suite import build_eval_suite, per_image_values, summarize
+from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, RETRIEVAL_SEED, get_protocol
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +40,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--nets",
         choices=("real", "tiny"),
         default="real",
-        help="feature networks: real weight files, or tiny random twins (smoke test) [real]",
+        help="feature networks: real weight files, or tiny random twins (smoke test) (default: real)",
     )
     parser.add_argument(
         "--weights-dir",
         type=Path,
         default=None,
-        help="folder of the metric weight files [$BRAINIT_WEIGHTS or ~/.cache/brainit-pl/weights]",
+        help="folder of the metric weight files (default: $BRAINIT_WEIGHTS or ~/.cache/brainit-pl/weights)",
     )
     parser.add_argument(
         "--protocol",
         choices=PROTOCOLS,
         default=DEFAULT_PROTOCOL,
-        help=f"evaluator whose preprocessing to reproduce [{DEFAULT_PROTOCOL}]",
+        help=f"evaluator whose preprocessing to reproduce (default: {DEFAULT_PROTOCOL})",
     )
     parser.add_argument(
         "--kind",
         choices=RECON_KINDS,
         default=None,
-        help="which reconstruct output to score in subjNN/<kind>/ [PNGs in subjNN/, else refined]",
+        help="which reconstruct output to score in subjNN/<kind>/ (default: PNGs in subjNN/, else refined)",
     )
     parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default=None, help="[cuda if available, else cpu]"
+        "--device", choices=("cpu", "cuda"), default=None, help="(default: cuda if available, else cpu)"
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="images per batch [32]")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     parser.add_argument(
         "--antialias",
         action="store_true",
@@ -78,13 +74,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=RETRIEVAL_SEED,
-        help=f"seed of the retrieval subsets [{RETRIEVAL_SEED}, MindEye2's]",
+        help=f"seed of the retrieval subsets (default: {RETRIEVAL_SEED}, MindEye2's)",
     )
     parser.add_argument(
         "--n-boot",
         type=int,
         default=bootstrap.N_BOOT,
-        help=f"bootstrap resamples for the confidence intervals; 0: none [{bootstrap.N_BOOT}]",
+        help=f"bootstrap resamples for the confidence intervals; 0: none (default: {bootstrap.N_BOOT})",
     )
 
 
@@ -112,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         antialias=True if args.antialias else None,  # None: the protocol default
         n_boot=args.n_boot,
     )
+    from brainit_pl.metrics.report import format_value
+
     mean = ", ".join(f"{name} {format_value(name, v)}" for name, v in results["mean"].items())
     log.info("%s protocol, %d test images; mean: %s", args.protocol, results["n_images"], mean)
     log.info("wrote %s", ", ".join(str(p) for p in paths.values()))
@@ -148,6 +146,10 @@ def evaluate_folders(
         The results dict (the content of metrics.json) and the report files written in ``out``.
     """
     from tqdm.auto import tqdm
+
+    from brainit_pl.devices import resolve_device  # torch: imported here, not for `--help`
+    from brainit_pl.metrics.report import make_results, write_reports
+    from brainit_pl.metrics.suite import build_eval_suite, per_image_values, summarize
 
     dev = resolve_device(device)
     proto = get_protocol(protocol) if antialias is None else get_protocol(protocol, antialias=antialias)

@@ -23,13 +23,15 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from brainit_pl.errors import BrainITError
-from brainit_pl.metrics.retrieval import SUBSET_SIZE
+from brainit_pl.metrics.protocols import SUBSET_SIZE
+
+if TYPE_CHECKING:  # torch is imported where it runs: `brainit-pl evaluate --help` stays fast
+    from torch import Tensor
 
 SUBJECT_DIR = re.compile(r"^subj\d\d$")
 RECON_KINDS: tuple[str, ...] = ("lowlevel", "semantic", "semantic_stock", "refined")
@@ -159,6 +161,8 @@ def discover(recons: Path, gt: Path, kind: str | None = None) -> list[EvalSet]:
 
 def load_images(folder: Path, names: tuple[str, ...] | list[str]) -> Tensor:
     """Read PNGs as one uint8 batch (B, 3, H, W), converted to RGB."""
+    import torch
+
     arrays = [read_rgb(folder / name) for name in names]  # (H, W, 3) uint8 each
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
@@ -201,6 +205,8 @@ def load_embeddings(
         )
     if check_only:
         return None
+    import torch
+
     index = {name: i for i, name in enumerate(order)}
     rows = [index[name] for name in names]
     return torch.from_numpy(brain[rows]).float().flatten(1), torch.from_numpy(image[rows]).float().flatten(1)

@@ -32,12 +32,14 @@ versions existed are labelled :data:`UNVERSIONED`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-import torch.nn.functional as F
-from torch import Tensor
 
 from brainit_pl.errors import BrainITError
+
+if TYPE_CHECKING:  # torch is imported where it runs: `brainit-pl evaluate --help` stays fast
+    from torch import Tensor
 
 PROTOCOLS: tuple[str, ...] = ("mindeye2", "braindiffuser")
 DEFAULT_PROTOCOL = "mindeye2"
@@ -53,6 +55,8 @@ MINDEYE2_ANTIALIAS = False
 PROTOCOL_VERSIONS: dict[str, str] = {"mindeye2": "2", "braindiffuser": "2"}
 UNVERSIONED = "unversioned (before protocol versions; numbers from the pre-2 evaluator)"
 SSIM_MODES: tuple[str, ...] = ("2d", "columns")
+SUBSET_SIZE = 300  # MindEye2's retrieval: 300-way top-1
+RETRIEVAL_SEED = 42  # MindEye2's final_evaluations: utils.seed_everything(42) (its --seed default)
 
 
 def resize_bilinear(images: Tensor, size: int, antialias: bool = True) -> Tensor:
@@ -69,7 +73,9 @@ def resize_bilinear(images: Tensor, size: int, antialias: bool = True) -> Tensor
     """
     if images.shape[-2:] == (size, size):
         return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
+    from torch.nn.functional import interpolate
+
+    return interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=antialias)
 
 
 def resize_pil(images: Tensor, size: int, resample: str) -> Tensor:
@@ -83,6 +89,7 @@ def resize_pil(images: Tensor, size: int, resample: str) -> Tensor:
     Returns:
         (B, 3, size, size) float32 in [0, 1] (multiples of 1/255), on the input's device.
     """
+    import torch
     from PIL import Image
 
     filters = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}

@@ -22,10 +22,9 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from brainit_pl.metrics.image import InvalidInputError, is_empty
+from brainit_pl.metrics.protocols import RETRIEVAL_SEED, SUBSET_SIZE
 
-SUBSET_SIZE = 300
 N_SUBSETS = 30
-RETRIEVAL_SEED = 42  # MindEye2's final_evaluations: utils.seed_everything(42) (its --seed default)
 
 
 def retrieval_top1(

@@ -17,15 +17,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-
-from torch import Tensor, nn
-from torchmetrics import Metric, MetricCollection
+from typing import TYPE_CHECKING
 
 from brainit_pl.errors import BrainITError
-from brainit_pl.metrics.identification import CorrelationDistance, TwoWayIdentification
-from brainit_pl.metrics.image import SSIM, PixCorr
-from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, Protocol, get_protocol
-from brainit_pl.metrics.retrieval import RETRIEVAL_SEED, Retrieval
+from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, RETRIEVAL_SEED, Protocol, get_protocol
+
+if TYPE_CHECKING:  # the metrics are imported where they are built: the names below need no torch
+    from torch import Tensor, nn
+    from torchmetrics import Metric, MetricCollection
 
 TWO_WAY_NETS: tuple[str, ...] = ("alexnet2", "alexnet5", "inception", "clip")
 DISTANCE_NETS: tuple[str, ...] = ("effnet", "swav")
@@ -117,6 +116,12 @@ def build_eval_suite(
     if missing:
         built = build_feature_nets(proto, nets, weights_dir)
         given.update({name: built[name] for name in missing})
+    from torchmetrics import MetricCollection
+
+    from brainit_pl.metrics.identification import CorrelationDistance, TwoWayIdentification
+    from brainit_pl.metrics.image import SSIM, PixCorr
+    from brainit_pl.metrics.retrieval import Retrieval
+
     metrics: dict[str, Metric] = {
         "pixcorr": PixCorr(proto, **metric_kwargs),
         "ssim": SSIM(proto, **metric_kwargs),

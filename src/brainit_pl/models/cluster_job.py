@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="encoder checkpoint (.ckpt) or embeddings (.npz/.npy); required for --kind functional",
     )
-    parser.add_argument("--kind", choices=KINDS, default="functional", help="default: %(default)s")
+    parser.add_argument("--kind", choices=KINDS, default="functional", help="(default: %(default)s)")
     parser.add_argument("--clusters", type=int, default=128, help="K (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="k-means initialisation seed (default: 0)")
     parser.add_argument(

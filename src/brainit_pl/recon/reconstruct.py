@@ -33,17 +33,18 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from brainit_pl.devices import resolve_device
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_path, atomic_write_text, output_lock
-from brainit_pl.recon.chain import STAGES, Reconstructor
+
+if TYPE_CHECKING:  # torch is imported where it runs: `brainit-pl reconstruct --help` stays fast
+    import torch
+
+    from brainit_pl.recon.chain import Reconstructor
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unclip",
         type=Path,
-        help="the stock UNet of --semantic-stock: MindEye2's unclip6 checkpoint [the weights folder's "
-        "unclip6_epoch0_step110000.ckpt]",
+        help="the stock UNet of --semantic-stock: MindEye2's unclip6 checkpoint (default: the weights folder's "
+        "unclip6_epoch0_step110000.ckpt)",
     )
     parser.add_argument(
         "--tiny-unclip",
@@ -89,35 +90,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--unclip-size",
         type=int,
-        help="image side of the stock UNet [the stage-2 model's, else 256]",
+        help="image side of the stock UNet (default: the stage-2 model's, else 256)",
     )
     parser.add_argument(
         "--refine", type=Path, help="SDXL base (single file or diffusers folder): adds `refined`"
     )
     parser.add_argument("--tiny-refine", action="store_true", help="random tiny SDXL twin for `refined`")
     parser.add_argument(
-        "--subjects", type=int, nargs="+", help="subjects to reconstruct [all of the checkpoints']"
+        "--subjects", type=int, nargs="+", help="subjects to reconstruct (default: all of the checkpoints')"
     )
     parser.add_argument("--limit", type=int, help="at most N test images per subject (quick looks)")
-    parser.add_argument("--dip-steps", type=int, default=1800, help="DIP Adam steps per image [1800]")
+    parser.add_argument(
+        "--dip-steps", type=int, default=1800, help="DIP Adam steps per image (default: 1800)"
+    )
     parser.add_argument(
         "--dip-lr",
         type=float,
         default=1e-3,
-        help="DIP Adam learning rate [1e-3, the method's for 1800 steps; with far fewer steps (a CPU preview) "
-        "use a larger one, e.g. 1e-2 for 100]",
+        help="DIP Adam learning rate (default: 1e-3, the method's for 1800 steps; with far fewer steps (a CPU preview) "
+        "use a larger one, e.g. 1e-2 for 100)",
     )
-    parser.add_argument("--dip-batch", type=int, default=16, help="images inverted together [16]")
+    parser.add_argument("--dip-batch", type=int, default=16, help="images inverted together (default: 16)")
     parser.add_argument(
-        "--dip-channels", type=int, default=128, help="DIP network width [128, the method's; fewer on a CPU]"
+        "--dip-channels",
+        type=int,
+        default=128,
+        help="DIP network width (default: 128, the method's; fewer on a CPU)",
     )
-    parser.add_argument("--batch-size", type=int, default=16, help="test images per step [16]")
+    parser.add_argument("--batch-size", type=int, default=16, help="test images per step (default: 16)")
     parser.add_argument(
-        "--nets", choices=("real", "tiny", "none"), default="real", help="metric networks [real]"
+        "--nets", choices=("real", "tiny", "none"), default="real", help="metric networks (default: real)"
     )
-    parser.add_argument("--weights-dir", type=Path, help="weights folder [$BRAINIT_WEIGHTS]")
-    parser.add_argument("--device", help="torch device [cuda if available, else cpu]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the DIP and diffusion noise [0]")
+    parser.add_argument("--weights-dir", type=Path, help="weights folder (default: $BRAINIT_WEIGHTS)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the DIP and diffusion noise (default: 0)"
+    )
     parser.add_argument("--overwrite", action="store_true", help="discard a finished (or other) run in OUT")
 
 
@@ -180,6 +188,8 @@ def reconstruct(
         require(dip_steps >= 1 and dip_batch >= 1 and batch_size >= 1, "steps and batch sizes must be >= 1")
         require(dip_lr > 0, f"--dip-lr must be positive, got {dip_lr}")
         require(limit is None or limit >= 1, f"--limit must be >= 1, got {limit}")
+        from brainit_pl.recon.chain import STAGES, Reconstructor  # torch: not for `--help`
+
         stages = [s for s, on in zip(STAGES, (lowlevel, stage2, semantic_stock, refine or tiny_refine)) if on]
         settings = {
             "store": str(Path(store).resolve()),
@@ -195,6 +205,8 @@ def reconstruct(
             "stages": stages,
         }
         _check_claim(out, settings, overwrite)  # refusals first: loading real models takes minutes
+        from brainit_pl.devices import resolve_device
+
         dev = resolve_device(device)
         models = Reconstructor.from_checkpoints(
             lowlevel, stage2, semantic_stock=semantic_stock, unclip=unclip, tiny_unclip=tiny_unclip,
@@ -222,7 +234,7 @@ def reconstruct(
                 done_per_subject[subject] = done_per_subject.get(subject, 0) + 1
                 rows.append(i)
             if rows:
-                reconstruct_missing(out, {k: v[torch.tensor(rows)] for k, v in batch.items()}, models)
+                reconstruct_missing(out, {k: v[rows] for k, v in batch.items()}, models)
         results = finish(out, stages, sorted(done_per_subject), nets, weights_dir, device)
         mark_finished(out, settings)
         log.info("reconstructions of %d subject(s) in %s", len(done_per_subject), out)
@@ -260,10 +272,9 @@ def reconstruct_missing(out: Path, batch: dict[str, torch.Tensor], chain: Recons
             gt_missing.append(i)  # reconstructed by an earlier run: only its ground truth to write
     if gt_missing:
         names = [_name(batch["nsd_id"][i]) for i in gt_missing]
-        _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"][torch.tensor(gt_missing)])
+        _save_pngs(out / "gt" / f"subj{subject:02d}", names, batch["image_224"][gt_missing])
     if keep:
-        rows = torch.tensor(keep)
-        part = {k: v[rows] for k, v in batch.items()}
+        part = {k: v[keep] for k, v in batch.items()}
         save_batch(out, part, chain(part))
 
 
@@ -278,16 +289,16 @@ def save_batch(out: Path, batch: dict[str, torch.Tensor], images: dict[str, torc
 def _resize(images: torch.Tensor) -> torch.Tensor:
     if images.shape[-1] == SIZE:
         return images
-    return F.interpolate(
+    from torch.nn.functional import interpolate
+
+    return interpolate(
         images.float(), size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False
     )
 
 
 def _save_pngs(folder: Path, names: list[str], images: torch.Tensor) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = (
-        (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    )
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
     for name, hwc in zip(names, pixels):
         with atomic_path(folder / name) as tmp:
             Image.fromarray(hwc).save(tmp, format="PNG")

@@ -39,10 +39,10 @@ from typing import Any
 
 from brainit_pl.errors import BrainITError, require
 from brainit_pl.files import atomic_write_text, load_module
+from brainit_pl.packaged_configs import packaged_config
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).resolve().parents[3] / "configs"  # the checkout's configs/
 MODELS = {"bit": "bit", "mindeye2_baseline": "mindeye2", "ridge_baseline": "ridge"}
 METRICS = {"semantic": ("clip_cos", "clip_2way"), "lowlevel": ("vgg_2way",)}
 
@@ -50,52 +50,60 @@ METRICS = {"semantic": ("clip_cos", "clip_2way"), "lowlevel": ("vgg_2way",)}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``brainit-pl demo``."""
     parser.add_argument(
-        "--out", type=Path, default=Path("runs/demo"), help="work and report folder [runs/demo]"
+        "--out", type=Path, default=Path("runs/demo"), help="work and report folder (default: runs/demo)"
     )
     parser.add_argument(
-        "--store", type=Path, help="an existing store [simulate + prepare the demo preset in OUT]"
+        "--store", type=Path, help="an existing store (default: simulate + prepare the demo preset in OUT)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="simulation seed [0]")
-    parser.add_argument("--encoder-epochs", type=int, default=6, help="[6]")
+    parser.add_argument("--seed", type=int, default=0, help="simulation seed (default: 0)")
+    parser.add_argument("--encoder-epochs", type=int, default=6, help="(default: 6)")
     parser.add_argument(
-        "--semantic-epochs", type=int, default=10, help="epochs of the semantic BIT and MindEye2 [10]"
+        "--semantic-epochs",
+        type=int,
+        default=10,
+        help="epochs of the semantic BIT and MindEye2 (default: 10)",
     )
     parser.add_argument(
-        "--lowlevel-epochs", type=int, default=5, help="epochs of the low-level BIT and MindEye2 [5]"
+        "--lowlevel-epochs", type=int, default=5, help="epochs of the low-level BIT and MindEye2 (default: 5)"
     )
     parser.add_argument("--bit-epochs", type=int, help="set both --semantic-epochs and --lowlevel-epochs")
     parser.add_argument(
-        "--jobs", type=int, default=2, help="trainings run side by side, one torch thread each [2]"
+        "--jobs", type=int, default=2, help="trainings run side by side, one torch thread each (default: 2)"
     )
-    parser.add_argument("--clusters", type=int, default=25, help="V2C clusters K [25]")
-    parser.add_argument("--n-external", type=int, default=500, help="external images (0: none) [500]")
+    parser.add_argument("--clusters", type=int, default=25, help="V2C clusters K (default: 25)")
+    parser.add_argument(
+        "--n-external", type=int, default=500, help="external images (0: none) (default: 500)"
+    )
     parser.add_argument(
         "--lowlevel-external-ratio",
         type=float,
         default=1.0,
-        help="synthetic samples per real one in the low-level branch [1; the method and the semantic branch: 3]; "
+        help="synthetic samples per real one in the low-level branch (default: 1; the method and the semantic branch: 3); "
         "its VGG targets and contrastive loss are computed per sample, so each synthetic one costs a real one's time",
     )
     parser.add_argument(
-        "--recon-images", type=int, default=10, help="test images reconstructed per subject [10]"
+        "--recon-images", type=int, default=10, help="test images reconstructed per subject (default: 10)"
     )
     parser.add_argument(
-        "--dip-steps", type=int, default=100, help="[100: a CPU preview; the method uses 1800]"
+        "--dip-steps", type=int, default=100, help="(default: 100, a CPU preview; the method uses 1800)"
     )
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="[all]")
+    parser.add_argument(
+        "--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="(default: all)"
+    )
     parser.add_argument(
         "--anatomical-bit", action="store_true", help="also train the BITs on anatomical clusters (ablation)"
     )
     parser.add_argument(
-        "--dip-lr", type=float, default=1e-2, help="[1e-2: for 100 steps; the method: 1e-3 for 1800]"
+        "--dip-lr", type=float, default=1e-2, help="(default: 1e-2, for 100 steps; the method: 1e-3 for 1800)"
     )
     parser.add_argument(
         "--unclip-epochs",
         type=int,
         default=10,
-        help="epochs of the tiny unCLIP pretraining, the VAE's 2 included (0: stage 2 adapts the random twin) [10]",
+        help="epochs of the tiny unCLIP pretraining, the VAE's 2 included; 0: stage 2 adapts the random twin "
+        "(default: 10)",
     )
-    parser.add_argument("--stage2-epochs", type=int, default=3, help="epochs of stage 2 [3]")
+    parser.add_argument("--stage2-epochs", type=int, default=3, help="epochs of stage 2 (default: 3)")
     parser.add_argument(
         "--no-reconstruct", action="store_true", help="stop after the feature models (no stage 2)"
     )
@@ -207,7 +215,7 @@ class Demo:
         done = run / "done"
 
         def fit() -> None:
-            self.sh("fit", "--config", str(CONFIGS / "encoder_demo.yaml"), "--data.store", str(store),
+            self.sh("fit", "--config", str(packaged_config("encoder_demo")), "--data.store", str(store),
                     "--trainer.default_root_dir", str(run), "--trainer.max_epochs", str(self.args.encoder_epochs),
                     "--trainer.enable_progress_bar", "false")  # fmt: skip
             done.write_text("ok\n")
@@ -248,7 +256,7 @@ class Demo:
     def _fit_args(self, store: Path, branch: str, key: str, kind: str, clusters: Path, external):
         """The ``fit`` arguments of one feature model, and the ``test`` arguments' common part."""
         run = self.out / branch / key
-        common = ["--config", str(CONFIGS / "sim" / f"{kind}_{branch}.yaml"), "--data.store", str(store)]
+        common = ["--config", str(packaged_config(f"sim/{kind}_{branch}")), "--data.store", str(store)]
         common += ["--model.init_args.clusters", str(clusters)] if kind == "bit" else []
         fit = ["--trainer.default_root_dir", str(run / "fit")]
         if kind != "ridge":
@@ -314,7 +322,7 @@ class Demo:
         export = run / "unclip_tiny.ckpt"
 
         def fit() -> None:
-            self.sh("fit", "--config", str(CONFIGS / "sim" / "unclip_pretrain_demo.yaml"), "--data.store", str(store),
+            self.sh("fit", "--config", str(packaged_config("sim/unclip_pretrain_demo")), "--data.store", str(store),
                     "--model.init_args.export", str(export), "--trainer.default_root_dir", str(run / "fit"),
                     "--trainer.max_epochs", str(self.args.unclip_epochs))  # fmt: skip
 
@@ -327,7 +335,7 @@ class Demo:
         pretrained = ["--model.init_args.unclip", str(unclip), "--model.init_args.image_size", "64"]
 
         def fit() -> None:
-            self.sh("fit", "--config", str(CONFIGS / "sim" / "stage2_demo.yaml"), "--data.store", str(store),
+            self.sh("fit", "--config", str(packaged_config("sim/stage2_demo")), "--data.store", str(store),
                     "--model.init_args.bit_checkpoint", str(semantic), "--trainer.default_root_dir", str(run),
                     "--trainer.max_epochs", str(self.args.stage2_epochs), *(pretrained if unclip else []))  # fmt: skip
             (run / "done").write_text("ok\n")
@@ -362,7 +370,7 @@ class Demo:
         run, folder = self.out / "linear" / "fit", self.out / "reconstruct"
 
         def fit() -> None:
-            self.sh("fit", "--config", str(CONFIGS / "demo.yaml"), "--data.store", str(store),
+            self.sh("fit", "--config", str(packaged_config("demo")), "--data.store", str(store),
                     "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false")  # fmt: skip
             (run / "done").write_text("ok\n")
 

@@ -58,7 +58,8 @@ from typing import Any
 
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_write_text
-from brainit_pl.workflows.demo import CONFIGS, Demo, _simulation_root, best_checkpoint
+from brainit_pl.packaged_configs import packaged_config
+from brainit_pl.workflows.demo import Demo, _simulation_root, best_checkpoint
 from brainit_pl.workflows.transfer.report import FEATURES, VARIANTS
 from brainit_pl.workflows.transfer.subject import (
     BRANCHES,
@@ -75,26 +76,61 @@ RECON = ("--tiny-unclip", "--dip-channels", "16", "--dip-batch", "8", "--device"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``brainit-pl transfer-demo``."""
     add = parser.add_argument
-    add("--store", type=Path, default=Path("demo/store"), help="the prepared simulated store [demo/store]")
-    add("--subject", type=int, help="the held-out subject S [the store's last]")
-    add("--hours", type=float, default=1.0, help="S's data for transfer and scratch: first H hours [1]")
     add(
-        "--out", type=Path, default=Path("runs/transfer-1h"), help="work and report folder [runs/transfer-1h]"
+        "--store",
+        type=Path,
+        default=Path("demo/store"),
+        help="the prepared simulated store (default: demo/store)",
     )
-    add("--all-data", type=Path, default=Path("runs/demo"), help="`make demo`'s folder: its BITs [runs/demo]")
+    add("--subject", type=int, help="the held-out subject S (default: the store's last)")
+    add(
+        "--hours",
+        type=float,
+        default=1.0,
+        help="S's data for transfer and scratch: first H hours (default: 1)",
+    )
+    add(
+        "--out",
+        type=Path,
+        default=Path("runs/transfer-1h"),
+        help="work and report folder (default: runs/transfer-1h)",
+    )
+    add(
+        "--all-data",
+        type=Path,
+        default=Path("runs/demo"),
+        help="`make demo`'s folder: its BITs (default: runs/demo)",
+    )
     add("--no-train-all-data", action="store_true", help="fail if --all-data lacks them, instead of training")
-    add("--seed", type=int, default=0, help="[0]")
-    add("--clusters", type=int, default=25, help="V2C clusters K of the base models [25]")
-    add("--encoder-epochs", type=int, default=6, help="base encoder (as make demo) [6]")
-    add("--bit-epochs", type=int, default=10, help="base BITs [10]")
-    add("--base-external-ratio", type=float, default=3.0, help="synthetic per real sample, base BITs [3]")
-    add("--transfer-encoder-epochs", type=int, default=30, help="S's encoder embeddings (as the paper) [30]")
-    add("--transfer-epochs", type=int, default=30, help="S's BIT embeddings (paper: 50) [30]")
-    add("--scratch-epochs", type=int, help="scratch BITs [4 × --transfer-epochs: as many steps]")
-    add("--n-external", type=int, default=500, help="external images, synthetic fMRI (0: none) [500]")
-    add("--val-fraction", type=float, default=0.1, help="S's images of the hours for validation [0.1]")
-    add("--recon-images", type=int, default=6, help="S's test images reconstructed per variant [6]")
-    add("--dip-steps", type=int, default=100, help="DIP steps per image [100; the method: 1800]")
+    add("--seed", type=int, default=0, help="(default: 0)")
+    add("--clusters", type=int, default=25, help="V2C clusters K of the base models (default: 25)")
+    add("--encoder-epochs", type=int, default=6, help="base encoder (as make demo) (default: 6)")
+    add("--bit-epochs", type=int, default=10, help="base BITs (default: 10)")
+    add(
+        "--base-external-ratio",
+        type=float,
+        default=3.0,
+        help="synthetic per real sample, base BITs (default: 3)",
+    )
+    add(
+        "--transfer-encoder-epochs",
+        type=int,
+        default=30,
+        help="S's encoder embeddings (as the paper) (default: 30)",
+    )
+    add("--transfer-epochs", type=int, default=30, help="S's BIT embeddings (paper: 50) (default: 30)")
+    add("--scratch-epochs", type=int, help="scratch BITs (default: 4 × --transfer-epochs: as many steps)")
+    add(
+        "--n-external", type=int, default=500, help="external images, synthetic fMRI (0: none) (default: 500)"
+    )
+    add(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="S's images of the hours for validation (default: 0.1)",
+    )
+    add("--recon-images", type=int, default=6, help="S's test images reconstructed per variant (default: 6)")
+    add("--dip-steps", type=int, default=100, help="DIP steps per image (default: 100; the method: 1800)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,7 +227,7 @@ class TransferDemo(Demo):
         a, store, subjects = self.args, self.store, json.dumps(self.base_subjects)
         enc, v2c, truth = folder / "encoder", folder / "v2c_functional", _simulation_root(self.store)
         self.step("base encoder", enc / "done", lambda: (self.sh(
-            "fit", "--config", str(CONFIGS / "encoder_demo.yaml"), "--data.store", str(store),
+            "fit", "--config", str(packaged_config("encoder_demo")), "--data.store", str(store),
             "--data.subjects", subjects, "--trainer.default_root_dir", str(enc), "--seed_everything",
             str(a.seed), "--data.seed", str(a.seed), "--trainer.max_epochs", str(a.encoder_epochs),
             "--trainer.enable_progress_bar", "false"), (enc / "done").write_text("ok\n")))  # fmt: skip
@@ -224,7 +260,7 @@ class TransferDemo(Demo):
             hours: the subjects' first hours only, with ``--val-fraction``; ``None``: the config's data.
         """
         a = self.args
-        argv = ["fit", "--config", str(CONFIGS / "sim" / f"{kind}_{branch}.yaml"), "--data.store"]
+        argv = ["fit", "--config", str(packaged_config(f"sim/{kind}_{branch}")), "--data.store"]
         argv += [str(self.store), "--data.subjects", json.dumps(subjects)]
         argv += ["--trainer.default_root_dir", str(run)]
         argv += ["--seed_everything", str(a.seed), "--data.seed", str(a.seed)]

@@ -37,20 +37,15 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_path, atomic_write_text, load_module
-from brainit_pl.workflows.transfer.plan import (
-    Plan,
-    Steps,
-    file_identity,
-    fit_module,
-    seed_run,
-)
+
+if TYPE_CHECKING:  # torch and Lightning are imported where they run: `brainit-pl transfer --help` is fast
+    from brainit_pl.workflows.transfer.plan import Plan
 
 log = logging.getLogger(__name__)
 
@@ -60,40 +55,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--store", type=Path, required=True, help="the prepared store holding S and the base subjects")
     add("--subject", type=int, required=True, help="the new subject S")
-    add("--hours", type=float, default=1.0, help="S's training data: 1, 0.5, 0.25 (first trials) [1]")
+    add(
+        "--hours", type=float, default=1.0, help="S's training data: 1, 0.5, 0.25 (first trials) (default: 1)"
+    )
     add("--encoder", type=Path, required=True, help="base EncoderModule checkpoint")
     add("--clusters", type=Path, required=True, help="the base V2C clusters.npz")
     add("--semantic", type=Path, required=True, help="base semantic BIT checkpoint")
     add("--lowlevel", type=Path, required=True, help="base low-level BIT checkpoint")
     add("--stage2", type=Path, help="base stage-2 checkpoint (its UNet and BIT start stage 2)")
     add("--out", type=Path, required=True, help="output folder")
-    add("--init", choices=("nn", "random"), default="nn", help="S's BIT voxel embeddings' init [nn]")
-    add("--external-images", type=int, default=1000, metavar="N", help="simulated external images [1000]")
+    add("--init", choices=("nn", "random"), default="nn", help="S's BIT voxel embeddings' init (default: nn)")
+    add(
+        "--external-images",
+        type=int,
+        default=1000,
+        metavar="N",
+        help="simulated external images (default: 1000)",
+    )
     add("--images-hdf5", type=Path, metavar="PATH", help="an external image set (N, 3, 224, 224) instead")
-    add("--external-ratio", type=float, default=3.0, help="synthetic samples per real one [3]")
-    add("--epochs-encoder", type=int, default=30, help="[30]")
-    add("--epochs-bit", type=int, default=50, help="[50]")
-    add("--epochs-stage2", type=int, default=10, help="0 skips stage 2 [10]")
-    add("--lr-encoder", type=float, default=1e-3, help="Adam (amsgrad) learning rate [1e-3]")
-    add("--lr-bit", type=float, default=5e-4, help="AdamW learning rate [5e-4]")
-    add("--lr-stage2", type=float, default=1e-5, help="AdamW learning rate [1e-5]")
-    add("--bit-warmup-epochs", type=int, default=0, help="cubic warm-up epochs of the BITs [0]")
-    add("--val-fraction", type=float, default=0.05, help="S's images held out for validation [0.05]")
-    add("--unclip", type=Path, help="MindEye2 unclip6 checkpoint [the weights folder's]")
+    add("--external-ratio", type=float, default=3.0, help="synthetic samples per real one (default: 3)")
+    add("--epochs-encoder", type=int, default=30, help="(default: 30)")
+    add("--epochs-bit", type=int, default=50, help="(default: 50)")
+    add("--epochs-stage2", type=int, default=10, help="0 skips stage 2 (default: 10)")
+    add("--lr-encoder", type=float, default=1e-3, help="Adam (amsgrad) learning rate (default: 1e-3)")
+    add("--lr-bit", type=float, default=5e-4, help="AdamW learning rate (default: 5e-4)")
+    add("--lr-stage2", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
+    add("--bit-warmup-epochs", type=int, default=0, help="cubic warm-up epochs of the BITs (default: 0)")
+    add("--val-fraction", type=float, default=0.05, help="S's images held out for validation (default: 0.05)")
+    add("--unclip", type=Path, help="MindEye2 unclip6 checkpoint (default: the weights folder's)")
     add("--tiny-unclip", action="store_true", help="the random tiny unCLIP twin (smoke tests)")
     add("--tiny-refine", action="store_true", help="add the refined stage with the tiny SDXL twin")
     add("--refine", type=Path, help="SDXL base for the refined stage")
-    add("--clip-pretrained", help="OpenCLIP weights for the external images' tokens [the weights folder's]")
+    add(
+        "--clip-pretrained",
+        help="OpenCLIP weights for the external images' tokens (default: the weights folder's)",
+    )
     add("--limit", type=int, help="at most N test images reconstructed")
-    add("--dip-steps", type=int, default=1800, help="[1800]")
-    add("--dip-batch", type=int, default=16, help="[16]")
-    add("--dip-channels", type=int, default=128, help="[128]")
-    add("--nets", choices=("real", "tiny", "none"), default="real", help="metric networks [real]")
-    add("--weights-dir", type=Path, help="weights folder [$BRAINIT_WEIGHTS]")
-    add("--device", help="torch device [cuda if available, else cpu]")
-    add("--precision", help="Lightning precision [bf16-mixed on CUDA, else 32-true]")
-    add("--num-workers", type=int, help="DataLoader workers [the base runs']")
-    add("--seed", type=int, default=0, help="[0]")
+    add("--dip-steps", type=int, default=1800, help="(default: 1800)")
+    add("--dip-batch", type=int, default=16, help="(default: 16)")
+    add("--dip-channels", type=int, default=128, help="(default: 128)")
+    add("--nets", choices=("real", "tiny", "none"), default="real", help="metric networks (default: real)")
+    add("--weights-dir", type=Path, help="weights folder (default: $BRAINIT_WEIGHTS)")
+    add("--device", help="torch device (default: cuda if available, else cpu)")
+    add("--precision", help="Lightning precision (default: bf16-mixed on CUDA, else 32-true)")
+    add("--num-workers", type=int, help="DataLoader workers (default: the base runs')")
+    add("--seed", type=int, default=0, help="(default: 0)")
     add("--overwrite", action="store_true", help="discard every earlier step in OUT")
 
 
@@ -107,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- inputs
 def _encoder_step(plan: Plan, folder: Path) -> dict:
     from brainit_pl.lit.encoder import EncoderModule
+    from brainit_pl.workflows.transfer.plan import fit_module, seed_run
 
     seed_run(plan)
     module = EncoderModule.transfer_from(plan.args.encoder, plan.new, lr=plan.args.lr_encoder)
@@ -118,6 +125,8 @@ def _encoder_step(plan: Plan, folder: Path) -> dict:
 
 def _v2c_step(plan: Plan, folder: Path) -> dict:
     """Nearest reference voxel of each of S's voxels: its cluster, and the BITs' init source."""
+    import torch
+
     from brainit_pl.lit.checkpoints import read_checkpoint
     from brainit_pl.models.encoder import move_voxel_ids, voxel_offsets
     from brainit_pl.models.v2c import ClusterMap, l2_normalise, nearest_reference, save_clusters
@@ -185,7 +194,10 @@ def _synthetic_step(plan: Plan, folder: Path) -> dict:
 
 
 def _bit_step(plan: Plan, folder: Path, branch: str, external: Path | None) -> dict:
+    import torch
+
     from brainit_pl.lit.bit import BITModule
+    from brainit_pl.workflows.transfer.plan import fit_module, seed_run
 
     a = plan.args
     neighbours = None
@@ -203,8 +215,11 @@ def _bit_step(plan: Plan, folder: Path, branch: str, external: Path | None) -> d
 
 def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
     """S's rows of the semantic BIT trained with the diffusion loss; the adapted BIT (and UNet) exported."""
+    import torch
+
     from brainit_pl.lit.bit import BITModule
     from brainit_pl.lit.stage2 import Stage2Module
+    from brainit_pl.workflows.transfer.plan import fit_module, seed_run
 
     a = plan.args
     semantic = plan.out / "semantic" / "semantic.ckpt"
@@ -265,6 +280,8 @@ def transfer(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         BrainITError: bad inputs (:class:`Plan`), a finished step of other settings in OUT, bad options.
     """
+    from brainit_pl.workflows.transfer.plan import Plan, Steps, file_identity
+
     require(args.external_images >= 0, f"--external-images must be >= 0, got {args.external_images}")
     require(args.epochs_stage2 >= 0, f"--epochs-stage2 must be >= 0, got {args.epochs_stage2}")
     plan = Plan(args)
