@@ -19,7 +19,7 @@ from brainit_pl.data.cache import BACKBONES, FeatureCache, cache_path
 from brainit_pl.data.datasets import BatchDataset, BatchPlan
 from brainit_pl.data.external import ExternalData
 from brainit_pl.data.splits import SPLITS, SampleTable, SubjectSplit, make_samples, split_subject
-from brainit_pl.data.store import IMAGE_SIZES, Store
+from brainit_pl.data.store import ALL_IMAGE_SIZES, Store
 from brainit_pl.errors import BrainITError, require
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class NSDDataModule(L.LightningDataModule):
         average_repeats: average each train/val image's trials into one sample (else one per trial).
         test_average_repeats: the same for the test split.
         val_fraction: fraction of the non-shared images held out for validation, in [0, 1).
-        image_sizes: stimulus sizes to include (subset of 224 and 112).
+        image_sizes: stimulus sizes to include (subset of 224, 112 and, where the store holds it, 256).
         features: precomputed image features to include, from the store's feature caches
             (``"clip"``: ``STORE/features_clip.h5``, written by ``brainit-pl extract-features``).
         batch_size: training batch size per device (ignored when ``global_batch_size`` is set; ``None``
@@ -183,8 +183,8 @@ class NSDDataModule(L.LightningDataModule):
             f"eval_batch_size must be >= 1, got {eval_batch_size}",
         )
         require(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
-        bad_sizes = [s for s in image_sizes if s not in IMAGE_SIZES]
-        require(not bad_sizes, f"image_sizes {bad_sizes} not stored; choose from {list(IMAGE_SIZES)}")
+        bad_sizes = [s for s in image_sizes if s not in ALL_IMAGE_SIZES]
+        require(not bad_sizes, f"image_sizes {bad_sizes} unknown; choose from {list(ALL_IMAGE_SIZES)}")
         require(
             voxels_per_sample is None or voxels_per_sample >= 1,
             f"voxels_per_sample must be >= 1, got {voxels_per_sample}",
@@ -193,6 +193,8 @@ class NSDDataModule(L.LightningDataModule):
         require(not bad_features, f"features {bad_features} unknown; choose from {list(BACKBONES)}")
         if image_sizes or features:
             self.store.images  # noqa: B018 - fail now (one line) if the store has no image file
+        for size in image_sizes:  # or not this size (256² only from the 425² stimuli)
+            self.store.images.check_size(size)
         # Opened (and checked against the image store) now, so a missing or stale cache fails before fit.
         self.features: dict[str, FeatureCache] = {
             name: FeatureCache(cache_path(self.store.root, name), self.store.images)
@@ -229,6 +231,8 @@ class NSDDataModule(L.LightningDataModule):
         self.external = (
             None if external is None else ExternalData(external, self.n_voxels, features, self.store.root)
         )
+        for size in image_sizes if self.external is not None else ():
+            self.external.synthetic.image_store.check_size(size)
         self.external_ratio = external_ratio
         self.hours, self.val_fraction, self.seed = hours, val_fraction, seed
         self.voxels_per_sample, self.voxel_replacement = voxels_per_sample, voxel_replacement
