@@ -155,3 +155,16 @@ def test_real_configs_build_nothing_hidden():
     assert {"adapter", "shift_padding", "lr_threshold", "lr_threshold_mode"} <= set(encoder)
     assert {"lr_threshold", "lr_threshold_mode"} <= set(_model("subj01")) & set(_model("subj01_lowlevel"))
     assert "source_size" in stage2
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_the_cli_parses_each_real_config(name, capsys):
+    """The command line accepts every value (e.g. ``batch_size: null`` beside ``global_batch_size``)."""
+    from brainit_pl.cli import main
+
+    command = "test" if name.startswith("test_") else "fit"
+    with pytest.raises(SystemExit) as done:
+        main([command, "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["init_args"].items() >= _model(name).items()
