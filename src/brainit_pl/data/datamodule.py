@@ -174,7 +174,7 @@ class NSDDataModule(L.LightningDataModule):
         require(hours is None or hours > 0, f"hours must be positive (or null for all sessions), got {hours}")
         require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
         require(
-            (batch_size if global_batch_size is None else global_batch_size) is not None,
+            batch_size is not None or global_batch_size is not None,
             "set data.batch_size (per device) or data.global_batch_size",
         )
         require(batch_size is None or batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
