@@ -329,6 +329,25 @@ def test_infonce_matches_reference():
     assert abs(loss.item() - ref["loss"].item()) <= 1e-5
 
 
+def test_losses_are_float32_under_bf16_autocast():
+    """Raw dot-product logits of 512-d tokens are in the hundreds to thousands: bf16 would round them by
+    units. Under bf16 autocast both losses equal their float32 values (docs/method.md §5.2)."""
+    g = torch.Generator().manual_seed(0)
+    pred, target = (4 * torch.randn(4, 13, 512, generator=g) for _ in range(2))  # logits' std 16√512 ≈ 360
+    sizes = [4, 4, 2, 2, 1]
+    want = infonce_per_scale(pred, target, sizes)
+    want_mse = semantic_mse(pred, target.half())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = infonce_per_scale(pred, target, sizes)
+        got_mse = semantic_mse(pred.bfloat16(), target.half())
+        naive = (pred @ target.mT).float()  # what autocast alone would give
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6)
+    assert (naive - pred @ target.mT).abs().max() > 1.0  # bf16 logits would be off by units
+    assert got_mse.dtype == torch.float32
+    assert torch.allclose(got_mse, semantic_mse(pred.bfloat16().float(), target.half()), rtol=1e-6)
+    assert torch.allclose(got_mse, want_mse, rtol=1e-2)
+
+
 def test_infonce_contrasts_within_scales_only():
     ref = _section("infonce/")
     pred, target = ref["pred"], ref["target"]

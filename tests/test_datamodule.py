@@ -1,6 +1,7 @@
 """NSDDataModule on small hand-built stores with unequal voxel counts (7, 9, 11) and a known design."""
 
 import json
+from types import SimpleNamespace
 
 import h5py
 import lightning as L
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainit_pl.data.datamodule import NSDDataModule
+from brainit_pl.data.datamodule import NSDDataModule, per_device_batch_size
 from brainit_pl.data.store import FORMAT_VERSION, repeat_index, subject_filename
 from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
 from brainit_pl.errors import BrainITError
@@ -264,6 +265,23 @@ class _Recorder(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_global_batch_size_holds_on_any_number_of_devices(store, world_size):
+    """global_batch_size: the per-device batch is global // (world size · accumulation), set at setup."""
+    root, _, _ = store
+    assert per_device_batch_size(128, world_size) == 128 // world_size
+    assert per_device_batch_size(64, world_size, accumulate=4) == 16 // world_size
+    trainer = SimpleNamespace(world_size=world_size, accumulate_grad_batches=2, global_rank=0)
+    dm = NSDDataModule(str(root), voxels_per_sample=3, global_batch_size=8, val_fraction=0.25)
+    dm.trainer = trainer
+    dm.setup("fit")
+    assert dm.batch_size == 8 // (2 * world_size) and dm.eval_batch_size == dm.batch_size
+    sizes = [len(b.indices) for b in dm.make_dataloader("train", rank=0, world_size=world_size).sampler]
+    assert max(sizes) == dm.batch_size
+    with pytest.raises(BrainITError, match="not a positive multiple"):
+        per_device_batch_size(64, 3)
 
 
 def test_lightning_keeps_the_plan_and_sets_the_epoch(store):

@@ -121,6 +121,29 @@ def test_shift_moves_each_image_by_at_most_three_pixels():
     assert torch.equal(random_shift(x, 0), x)
 
 
+def test_replicate_shift_fills_the_border_with_edge_pixels():
+    """The authors' shift (scipy.ndimage.shift, order 0, mode nearest): every pixel is an input pixel at
+    the offset position, clamped to the image, so the uncovered border repeats the edge."""
+    h, w = 9, 11
+    x = torch.arange(2 * h * w, dtype=torch.float32).view(1, 2, h, w)
+    torch.manual_seed(0)
+    for _ in range(10):
+        shifted = random_shift(x, 3, padding="replicate")
+        matches = []
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                rows = (torch.arange(h) + dy).clamp(0, h - 1)
+                cols = (torch.arange(w) + dx).clamp(0, w - 1)
+                if torch.equal(shifted, x[:, :, rows][:, :, :, cols]):
+                    matches.append((dy, dx))
+        assert len(matches) == 1
+
+
+def test_shift_padding_is_checked():
+    with pytest.raises(BrainITError, match="padding"):
+        random_shift(torch.zeros(1, 3, 8, 8), 3, padding="zeros")
+
+
 def test_voxel_chunks_give_the_same_predictions(images):
     whole = _encoder().eval()
     chunked = _encoder(voxel_chunk=4).eval()

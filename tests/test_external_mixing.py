@@ -96,6 +96,31 @@ def test_every_real_sample_once_and_round_ratio_external_per_epoch(data, ratio):
     assert any(b["external"].any() and not b["external"].all() for b in batches)
 
 
+def test_concat_mode_shows_every_external_image_once_per_epoch(data):
+    """external_mode concat (the authors' base trainings): an epoch is every real sample once plus every
+    external image once, each with a subject drawn anew every epoch; external_ratio plays no part."""
+    _, _, betas = data
+    dm = _dm(data, external_mode="concat", external_ratio=7.0)
+    dm.setup("fit")
+    subjects = []
+    for epoch in (0, 1):
+        batches = _epoch(dm, epoch=epoch)
+        external = _cat(batches, "external")
+        assert int((~external).sum()) == N_TRAIN and int(external.sum()) == N_EXT
+        rows = sorted((-1 - _cat(batches, "nsd_id")[external]).tolist())
+        assert rows == list(range(N_EXT))
+        for b in batches:  # the betas are the slot's subject's synthetic ones for that image
+            for i in np.flatnonzero(b["external"]).tolist():
+                s, row = int(b["subject"][i]), -1 - int(b["nsd_id"][i])
+                local = b["voxel_ids"][i].numpy() - dm.voxel_offsets[s]
+                np.testing.assert_array_equal(b["betas"][i].numpy(), betas[s][row, local])
+        order = np.argsort(-1 - _cat(batches, "nsd_id")[external].numpy())
+        subjects.append(_cat(batches, "subject")[external].numpy()[order])
+    assert not np.array_equal(*subjects)  # the subject of an image is drawn again every epoch
+    with pytest.raises(BrainITError, match="external_mode"):
+        _dm(data, external_mode="mix")
+
+
 def test_external_samples_hold_the_synthetic_values(data):
     _, _, betas = data
     dm = _dm(data, image_sizes=[112], external_ratio=4.0)

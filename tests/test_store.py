@@ -4,8 +4,8 @@ import h5py
 import numpy as np
 import pytest
 
-from brainit_pl.data.store import FORMAT_VERSION, Store, repeat_index, subject_filename
-from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
+from brainit_pl.data.store import FORMAT_VERSION, ImageStore, Store, repeat_index, subject_filename
+from brainit_pl.data.store_writer import SubjectStoreWriter, resize_for_store, write_images, write_manifest
 from brainit_pl.errors import BrainITError
 
 
@@ -91,3 +91,18 @@ def test_incompatible_version_is_refused(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"format": "brainit-pl-store", "format_version": 0}))
     with pytest.raises(BrainITError, match="incompatible"):
         Store(tmp_path)
+
+
+def test_native_256_copy_only_from_large_enough_sources(tmp_path):
+    """256² (stage 2's VAE input) is written from the 425² NSD stimuli, never upsampled from small images."""
+    rng = np.random.default_rng(0)
+    large = rng.integers(0, 256, size=(2, 425, 425, 3), dtype=np.uint8)
+    small = rng.integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8)
+    assert sorted(resize_for_store(large)) == [112, 224, 256]
+    assert sorted(resize_for_store(small)) == [112, 224]
+    for name, raw in (("large", large), ("small", small)):
+        write_images(tmp_path / f"{name}.h5", np.array([3, 7]), lambda ids, raw=raw: resize_for_store(raw))
+    images = ImageStore(tmp_path / "large.h5")
+    assert images.sizes == (224, 112, 256) and images.images([7], size=256).shape == (1, 3, 256, 256)
+    with pytest.raises(BrainITError, match="256² copy is written only"):
+        ImageStore(tmp_path / "small.h5").images([7], size=256)

@@ -72,6 +72,7 @@ def _argv(store, base, out, *extra):
         *("--semantic", str(base["semantic"]), "--lowlevel", str(base["lowlevel"])),
         *("--external-images", "6", "--val-fraction", "0.3", "--device", "cpu"),
         *("--epochs-encoder", "1", "--epochs-bit", "1", "--epochs-stage2", "1"),
+        *("--stage2-warmup-steps", "0", "--stage2-accumulate", "1"),  # CPU settings: the authors' are 1000, 8
         *("--tiny-unclip", "--nets", "tiny", "--dip-steps", "2", "--dip-channels", "8", "--limit", "2"),
         *extra,
     ]
@@ -213,6 +214,7 @@ def test_bad_input_is_one_line(bit_store, base, tmp_path, stderr_lines):
     assert "were made for the voxel table {1: 367, 2: 356}" in line and "base models have {1: 367}" in line
     line = refused(semantic=base["lowlevel"])
     assert "is a lowlevel BIT checkpoint" in line
+    assert "--keep best needs validation images" in refused("--val-fraction", "0", "--keep", "best")
 
 
 # ------------------------------------------------------------------------------------------ units

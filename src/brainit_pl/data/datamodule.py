@@ -8,7 +8,7 @@ subject's whole betas matrix.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -19,10 +19,12 @@ from brainit_pl.data.cache import BACKBONES, FeatureCache, cache_path
 from brainit_pl.data.datasets import BatchDataset, BatchPlan
 from brainit_pl.data.external import ExternalData
 from brainit_pl.data.splits import SPLITS, SampleTable, SubjectSplit, make_samples, split_subject
-from brainit_pl.data.store import IMAGE_SIZES, Store
+from brainit_pl.data.store import ALL_IMAGE_SIZES, Store
 from brainit_pl.errors import BrainITError, require
 
 log = logging.getLogger(__name__)
+
+EXTERNAL_MODES = ("concat", "ratio")
 
 # Lightning stage → the splits it needs (None = every split).
 STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
@@ -32,6 +34,26 @@ STAGE_SPLITS: dict[str | None, tuple[str, ...]] = {
     "predict": ("test",),
     None: SPLITS,
 }
+
+
+def per_device_batch_size(global_batch_size: int, world_size: int = 1, accumulate: int = 1) -> int:
+    """The per-device batch that keeps ``global_batch_size`` samples per optimizer step.
+
+    Args:
+        global_batch_size: samples per optimizer step over all devices (the paper's 128 / 64 / 64).
+        world_size: devices × nodes (DDP ranks).
+        accumulate: micro-batches accumulated per optimizer step (``accumulate_grad_batches``).
+
+    Raises:
+        BrainITError: ``global_batch_size`` not a positive multiple of ``world_size · accumulate``.
+    """
+    parts = world_size * accumulate
+    require(
+        global_batch_size >= 1 and world_size >= 1 and accumulate >= 1 and global_batch_size % parts == 0,
+        f"global_batch_size {global_batch_size} is not a positive multiple of world_size {world_size} × "
+        f"accumulate_grad_batches {accumulate}: choose devices and accumulation that divide it",
+    )
+    return global_batch_size // parts
 
 
 class NSDDataModule(L.LightningDataModule):
@@ -51,12 +73,18 @@ class NSDDataModule(L.LightningDataModule):
     buckets** (shuffled buckets in train, ordered in val/test): no padding and no padding mask in any
     model, at the cost of batches that each hold a single subject.
 
-    External images — a choice of how to mix them: with ``external`` (a ``synthesize-fmri`` folder), a
-    train epoch of n real samples also has ``round(external_ratio · n)`` external slots, shuffled together
-    with the real samples (so the ratio holds per epoch, and per batch on average; Brain-IT uses 1 real :
-    3 synthetic). Each slot draws an external image and a subject uniformly (with replacement, at every
-    draw) and carries that subject's synthetic betas at k drawn voxels, like a real sample. Val and test
-    never hold external samples.
+    External images: with ``external`` (a ``synthesize-fmri`` folder), a train epoch of n real samples also
+    has external slots, shuffled together with the real samples (docs/method.md §1). ``external_mode``
+    says how many and which images: ``concat`` (the authors' base trainings, their concatenated dataset):
+    every external image once per epoch, N slots for N images (about 1 real : 2 synthetic on NSD);
+    ``ratio`` (the authors' transfer): ``round(external_ratio · n)`` slots, each drawing its image
+    uniformly with replacement (1 real : 3 synthetic with ``external_ratio`` 3). Either way each slot draws
+    its subject uniformly at every draw and carries that subject's synthetic betas at k drawn voxels, like
+    a real sample. Val and test never hold external samples.
+
+    Batch size: ``batch_size`` is the per-device batch; with ``global_batch_size`` the per-device batch is
+    computed at :meth:`setup` from the trainer, ``global_batch_size // (world_size · accumulate_grad_batches)``
+    (:func:`per_device_batch_size`), so that the paper's batch holds on any number of GPUs.
 
     Each batch is a dict (B samples, k voxels or V_s = all voxels of the batch's subject):
     ``betas`` (B, k) float32, ``voxel_ids`` (B, k) int64 global voxel ids (``voxel_offsets[subject]`` +
@@ -81,11 +109,14 @@ class NSDDataModule(L.LightningDataModule):
         average_repeats: average each train/val image's trials into one sample (else one per trial).
         test_average_repeats: the same for the test split.
         val_fraction: fraction of the non-shared images held out for validation, in [0, 1).
-        image_sizes: stimulus sizes to include (subset of 224 and 112).
+        image_sizes: stimulus sizes to include (subset of 224, 112 and, where the store holds it, 256).
         features: precomputed image features to include, from the store's feature caches
             (``"clip"``: ``STORE/features_clip.h5``, written by ``brainit-pl extract-features``).
-        batch_size: training batch size.
-        eval_batch_size: val/test batch size (default: ``batch_size``).
+        batch_size: training batch size per device (ignored when ``global_batch_size`` is set; ``None``
+            then).
+        global_batch_size: training batch size summed over devices and accumulated micro-batches
+            (``None``: ``batch_size`` per device); it must be a multiple of world size × accumulation.
+        eval_batch_size: val/test batch size per device (default: the training one).
         num_workers: DataLoader worker processes (each re-opens the HDF5 files).
         seed: seed of the val draw, the shuffles and the voxel draws.
         persistent_workers: keep workers alive between epochs (with ``num_workers > 0``).
@@ -93,7 +124,9 @@ class NSDDataModule(L.LightningDataModule):
         external: a synthetic-fMRI folder (``brainit-pl synthesize-fmri``) whose images join the training
             batches; needs ``voxels_per_sample``, synthetic fMRI of every chosen subject and, with
             ``features``, the folder's own caches (``brainit-pl extract-features --store FOLDER``).
-        external_ratio: external slots per real training sample (>= 0).
+        external_mode: ``"concat"`` (every external image once per epoch) or ``"ratio"``
+            (``external_ratio`` slots per real sample, images drawn with replacement).
+        external_ratio: external slots per real training sample (>= 0), with ``external_mode: ratio``.
 
     Attributes:
         n_voxels: subject → voxel count V_s (known right after ``__init__``, for linking into models).
@@ -114,13 +147,15 @@ class NSDDataModule(L.LightningDataModule):
         val_fraction: float = 0.05,
         image_sizes: list[int] = [],  # noqa: B006 - never mutated (copied); a list keeps the CLI schema plain
         features: list[str] = [],  # noqa: B006 - never mutated (copied), as image_sizes
-        batch_size: int = 32,
+        batch_size: int | None = 32,
+        global_batch_size: int | None = None,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
         persistent_workers: bool = True,
         pin_memory: bool = False,
         external: str | None = None,
+        external_mode: Literal["concat", "ratio"] = "ratio",
         external_ratio: float = 3.0,
     ) -> None:
         super().__init__()
@@ -138,14 +173,18 @@ class NSDDataModule(L.LightningDataModule):
         )
         require(hours is None or hours > 0, f"hours must be positive (or null for all sessions), got {hours}")
         require(0 <= val_fraction < 1, f"val_fraction must be in [0, 1), got {val_fraction}")
-        require(batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
+        require(
+            batch_size is not None or global_batch_size is not None,
+            "set data.batch_size (per device) or data.global_batch_size",
+        )
+        require(batch_size is None or batch_size >= 1, f"batch_size must be at least 1, got {batch_size}")
         require(
             eval_batch_size is None or eval_batch_size >= 1,
             f"eval_batch_size must be >= 1, got {eval_batch_size}",
         )
         require(num_workers >= 0, f"num_workers must be >= 0, got {num_workers}")
-        bad_sizes = [s for s in image_sizes if s not in IMAGE_SIZES]
-        require(not bad_sizes, f"image_sizes {bad_sizes} not stored; choose from {list(IMAGE_SIZES)}")
+        bad_sizes = [s for s in image_sizes if s not in ALL_IMAGE_SIZES]
+        require(not bad_sizes, f"image_sizes {bad_sizes} unknown; choose from {list(ALL_IMAGE_SIZES)}")
         require(
             voxels_per_sample is None or voxels_per_sample >= 1,
             f"voxels_per_sample must be >= 1, got {voxels_per_sample}",
@@ -154,6 +193,8 @@ class NSDDataModule(L.LightningDataModule):
         require(not bad_features, f"features {bad_features} unknown; choose from {list(BACKBONES)}")
         if image_sizes or features:
             self.store.images  # noqa: B018 - fail now (one line) if the store has no image file
+        for size in image_sizes:  # or not this size (256² only from the 425² stimuli)
+            self.store.images.check_size(size)
         # Opened (and checked against the image store) now, so a missing or stale cache fails before fit.
         self.features: dict[str, FeatureCache] = {
             name: FeatureCache(cache_path(self.store.root, name), self.store.images)
@@ -182,16 +223,26 @@ class NSDDataModule(L.LightningDataModule):
             "of any subject share a batch); set it, or leave external unset",
         )
         require(0 <= external_ratio < np.inf, f"external_ratio must be finite and >= 0, got {external_ratio}")
+        require(
+            external_mode in EXTERNAL_MODES,
+            f"external_mode must be one of {EXTERNAL_MODES}, got {external_mode!r}",
+        )
+        self.external_mode = external_mode
         self.external = (
             None if external is None else ExternalData(external, self.n_voxels, features, self.store.root)
         )
+        for size in image_sizes if self.external is not None else ():
+            self.external.synthetic.image_store.check_size(size)
         self.external_ratio = external_ratio
         self.hours, self.val_fraction, self.seed = hours, val_fraction, seed
         self.voxels_per_sample, self.voxel_replacement = voxels_per_sample, voxel_replacement
         self.average = {"train": average_repeats, "val": average_repeats, "test": test_average_repeats}
         self.image_sizes = tuple(int(s) for s in image_sizes)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.global_batch_size = global_batch_size
+        self.batch_size = (
+            batch_size if global_batch_size is None else per_device_batch_size(global_batch_size)
+        )
+        self._eval_batch_size = eval_batch_size
         self.num_workers = num_workers
         self.persistent_workers = persistent_workers
         self.pin_memory = pin_memory
@@ -218,6 +269,10 @@ class NSDDataModule(L.LightningDataModule):
                 (test needed), saying which subject and why.
         """
         splits = STAGE_SPLITS.get(stage, SPLITS)
+        if self.global_batch_size is not None and self.trainer is not None:
+            self.batch_size = per_device_batch_size(
+                self.global_batch_size, self.trainer.world_size, self.trainer.accumulate_grad_batches
+            )
         per_subject = {s: self.subject_split(s) for s in self.subjects}
         for s, split in per_subject.items():
             self._check_split(s, split, splits)
@@ -259,11 +314,26 @@ class NSDDataModule(L.LightningDataModule):
             log.info("subject %d: %d voxels, hours=%s; %s", s, self.n_voxels[s], self.hours, ", ".join(parts))
         if self.external is not None and "train" in splits:
             n_real = len(self.samples["train"])
-            log.info("external: %d slots per epoch (%s)", self._n_external(n_real), self.external.root)
+            log.info(
+                "external (%s): %d slots per epoch beside %d real samples (%s)",
+                self.external_mode,
+                self._n_external(n_real),
+                n_real,
+                self.external.root,
+            )
+
+    @property
+    def eval_batch_size(self) -> int:
+        """The val/test batch per device: ``eval_batch_size``, else the training one."""
+        return self._eval_batch_size or self.batch_size
 
     def _n_external(self, n_real: int) -> int:
         """External slots of a train epoch with ``n_real`` real samples."""
-        return 0 if self.external is None else round(self.external_ratio * n_real)
+        if self.external is None:
+            return 0
+        if self.external_mode == "concat":
+            return self.external.n_images
+        return round(self.external_ratio * n_real)
 
     # ------------------------------------------------------------------------------------ dataloaders
     def make_dataloader(self, split: str, *, rank: int = 0, world_size: int = 1) -> DataLoader:
@@ -303,6 +373,7 @@ class NSDDataModule(L.LightningDataModule):
             image_sizes=self.image_sizes,
             features=self.features,
             external=self.external if train else None,
+            external_rows="index" if self.external_mode == "concat" else "draw",
         )
         return DataLoader(
             dataset,

@@ -10,10 +10,12 @@ Why the request carries its own random key: the voxel draw of a batch depends on
 ``(seed, epoch, global batch number)``, never on which worker process fetched it, so the batches are the
 same with 0 or 8 workers, with persistent workers, and differ across epochs and DDP ranks.
 
-External samples (images with synthetic fMRI, :mod:`brainit_pl.data.external`) — a choice: a training epoch
-has ``n_external`` extra *slots* after the real samples, shuffled together with them (so the real : synthetic
-ratio holds per epoch and roughly per batch). What fills a slot (an external image and a subject, both
-uniform, and its voxels) is drawn from the batch's key like the voxel draw, so it is worker-independent too.
+External samples (images with synthetic fMRI, :mod:`brainit_pl.data.external`): a training epoch has
+``n_external`` extra *slots* after the real samples, shuffled together with them (so the real : synthetic
+ratio holds per epoch and roughly per batch). What fills a slot (a subject, uniform, and its voxels; and,
+unless ``external_rows="index"``, the image, uniform too) is drawn from the batch's key like the voxel draw,
+so it is worker-independent too. With ``external_rows="index"`` slot N + i holds external image i: every
+external image once per epoch (the authors' concatenated dataset).
 
 Why :class:`BatchPlan` subclasses :class:`~torch.utils.data.DistributedSampler`: it shards by rank itself
 (bucketed batches cannot be sharded sample by sample), and Lightning leaves a ``DistributedSampler``
@@ -175,6 +177,8 @@ class BatchDataset(Dataset):
         features: name → feature cache whose tokens to add to each batch (read by row, like the images).
         external: external images with synthetic fMRI, which fill a request's slots ``>= len(samples)``
             (needs ``voxels_per_sample``, and an external cache for every name in ``features``).
+        external_rows: ``"draw"`` (each slot draws its image) or ``"index"`` (slot ``len(samples) + i`` is
+            external image i).
     """
 
     def __init__(
@@ -188,7 +192,12 @@ class BatchDataset(Dataset):
         image_sizes: tuple[int, ...] = (),
         features: Mapping[str, FeatureCache] | None = None,
         external: ExternalData | None = None,
+        external_rows: str = "draw",
     ) -> None:
+        require(
+            external_rows in ("draw", "index"), f"external_rows must be draw or index, got {external_rows!r}"
+        )
+        self.external_rows = external_rows
         self.store = store
         self.samples = samples
         self.voxel_offsets = dict(voxel_offsets)
@@ -218,7 +227,8 @@ class BatchDataset(Dataset):
             # external data, and the external draws depend only on the key (not on the worker).
             rng = np.random.default_rng(np.random.SeedSequence(list(request.key)).spawn(1)[0])
             mask = torch.from_numpy(is_external)
-            batch = _interleave(batch, self._external(int(is_external.sum()), rng), mask)
+            rows = idx[is_external] - len(self.samples) if self.external_rows == "index" else None
+            batch = _interleave(batch, self._external(int(is_external.sum()), rng, rows), mask)
         batch["external"] = torch.from_numpy(is_external)
         return batch
 
@@ -254,9 +264,11 @@ class BatchDataset(Dataset):
             batch[f"{name}_tokens"] = torch.from_numpy(tokens).float()
         return batch
 
-    def _external(self, n: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """The batch dict (without ``external``) of ``n`` external slots, drawn from ``rng``."""
-        rows, subjects = self.external.draw(rng, n)  # (n,), (n,)
+    def _external(
+        self, n: int, rng: np.random.Generator, rows: np.ndarray | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The batch dict (without ``external``) of ``n`` external slots (of image ``rows``, else drawn)."""
+        rows, subjects = self.external.draw(rng, n, rows)  # (n,), (n,)
         betas = torch.empty(n, self.voxels_per_sample)
         voxel_ids = torch.empty(n, self.voxels_per_sample, dtype=torch.int64)
         for subject in np.unique(subjects).tolist():

@@ -80,12 +80,25 @@ class ExternalData:
     def root(self) -> Path:
         return self.synthetic.root
 
-    def draw(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-        """The pairs of ``n`` external slots: (image rows (n,), subjects (n,)) int64, each uniform and
-        independent (with replacement: an image may come back in the same epoch, with another subject)."""
-        rows = rng.integers(0, self.n_images, size=n, dtype=np.int64)
+    def draw(
+        self, rng: np.random.Generator, n: int, rows: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs of ``n`` external slots: (image rows (n,), subjects (n,)) int64.
+
+        Args:
+            rng: the slots' random stream.
+            n: number of slots.
+            rows: the slots' image rows when the epoch fixes them (``external_mode: concat``, every image
+                once); ``None``: each row uniform and independent (``ratio``: with replacement, an image may
+                come back in the same epoch, with another subject).
+
+        The subject of every slot is uniform and independent, at every draw.
+        """
+        if rows is None:
+            rows = rng.integers(0, self.n_images, size=n, dtype=np.int64)
+        require(len(rows) == n, f"external: {len(rows)} rows for {n} slots")
         subjects = self.subjects[rng.integers(0, len(self.subjects), size=n)]
-        return rows, subjects
+        return np.asarray(rows, dtype=np.int64), subjects
 
     def betas(self, subject: int, rows: np.ndarray) -> np.ndarray:
         """Synthetic betas of image ``rows`` for ``subject`` → (n, V_s) float32, in the order given."""

@@ -6,7 +6,8 @@ The store written at --out (format v1; see brainit_pl/data/store.py):
   subjNN.h5       betas (trials x voxels, float16, z-scored per session per voxel, one chunk per trial),
                   the trial table (73k id, session, trial, global trial, shared/test flag, repeat 0/1/2),
                   voxel indices, coordinates (mm), the volume affine and the noise-ceiling SNR if present
-  images.h5       every image a chosen subject saw, 224x224 and 112x112 uint8 (anti-aliased resizing)
+  images.h5       every image a chosen subject saw, 224x224 and 112x112 uint8 (anti-aliased resizing), and
+                  256x256 from stimuli of at least that size (the 425² NSD ones: stage 2's input)
 
 Raw NSD: betas_fithrf_GLMdenoise_RR / 300 (percent signal change) at the nsdgeneral ROI voxels
 (func1pt8mm), or at the fsaverage vertices of --surface-mask (--space fsaverage). Test trials are those of
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from brainit_pl import __version__
 from brainit_pl.data.nsd import NSDReader, check_betas, zscore_session
-from brainit_pl.data.store import IMAGE_SIZES, subject_filename
+from brainit_pl.data.store import ImageStore, subject_filename
 from brainit_pl.data.store_writer import SubjectStoreWriter, write_images, write_manifest
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_path, output_lock
@@ -192,10 +193,11 @@ def prepare(
                     return block
 
                 write_images(tmp / "images.h5", ids, images, source="raw")
+            written = ImageStore(tmp / "images.h5")  # 224², 112² and, from the 425² stimuli, 256²
             write_manifest(
                 tmp,
                 entries,
-                images={"file": "images.h5", "n_images": len(ids), "sizes": list(IMAGE_SIZES)},
+                images={"file": "images.h5", "n_images": len(ids), "sizes": list(written.sizes)},
                 source={
                     "kind": "raw",
                     "root": str(Path(nsd_root).resolve()),

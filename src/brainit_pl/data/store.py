@@ -21,6 +21,8 @@ Layout of a store folder::
         nsd_id               (N,) int32 sorted 0-based 73k ids
         images_224           (N, 3, 224, 224) uint8, one chunk per image
         images_112           (N, 3, 112, 112) uint8 (anti-aliased downsampling)
+        images_256           (N, 3, 256, 256) uint8, only when the source images are at least 256² (the
+                             425² NSD stimuli of ``prepare --nsd-root``): stage 2's native VAE input
 
 The writers are in :mod:`brainit_pl.data.store_writer`. Every file is written under a temporary name and renamed into place when complete, so a reader never
 sees a half-written store. Readers open HDF5 files lazily and re-open them in a forked worker process
@@ -43,7 +45,9 @@ from brainit_pl.errors import BrainITError, require
 
 FORMAT_NAME = "brainit-pl-store"
 FORMAT_VERSION = 1
-IMAGE_SIZES = (224, 112)
+IMAGE_SIZES = (224, 112)  # in every image store
+NATIVE_SIZES = (256,)  # stored when the source images are at least this large (never upsampled)
+ALL_IMAGE_SIZES = IMAGE_SIZES + NATIVE_SIZES
 TRIAL_FIELDS: dict[str, Any] = {
     "nsd_id": np.int32,
     "session": np.int16,
@@ -190,7 +194,7 @@ class SubjectStore:
 
 @dataclass
 class ImageStore:
-    """The stimulus images at 224² and 112² (uint8, channels first), indexed by 73k id."""
+    """The stimulus images at 224² and 112² (and 256² when stored; uint8, channels first), by 73k id."""
 
     path: Path
 
@@ -202,6 +206,7 @@ class ImageStore:
             with open_h5(self.path, fix) as h5:
                 _check_version(h5.attrs, str(self.path))
                 self.nsd_ids = h5["nsd_id"][()].astype(np.int64)
+                self.sizes = tuple(s for s in ALL_IMAGE_SIZES if f"images_{s}" in h5)
         except (OSError, KeyError) as err:
             raise BrainITError(f"{self.path} is not a readable image store ({err}); {fix}") from err
         self._row = {int(i): r for r, i in enumerate(self.nsd_ids)}
@@ -218,8 +223,20 @@ class ImageStore:
 
     def images(self, nsd_ids: np.ndarray | list[int], size: int = 224) -> np.ndarray:
         """Images of ``nsd_ids`` → (n, 3, size, size) uint8, in the order given."""
-        require(size in IMAGE_SIZES, f"image size {size} not stored; choose one of {IMAGE_SIZES}")
+        self.check_size(size)
         return read_rows(self._h5.file[f"images_{size}"], self.rows(nsd_ids))
+
+    def check_size(self, size: int) -> None:
+        """Refuse, with the fix named, a size this file does not hold."""
+        native = (
+            f" (the {size}² copy is written only from source images of at least {size}²: "
+            "`brainit-pl prepare --nsd-root` from the 425² NSD stimuli)"
+            if size in NATIVE_SIZES
+            else ""
+        )
+        require(
+            size in self.sizes, f"image size {size} not in {self.path}; it holds {list(self.sizes)}{native}"
+        )
 
 
 @dataclass

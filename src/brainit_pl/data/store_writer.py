@@ -17,7 +17,14 @@ import h5py
 import numpy as np
 
 from brainit_pl import __version__
-from brainit_pl.data.store import FORMAT_NAME, FORMAT_VERSION, IMAGE_SIZES, TRIAL_FIELDS
+from brainit_pl.data.store import (
+    ALL_IMAGE_SIZES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    IMAGE_SIZES,
+    NATIVE_SIZES,
+    TRIAL_FIELDS,
+)
 from brainit_pl.errors import require
 from brainit_pl.files import atomic_path, atomic_write_text
 
@@ -131,18 +138,25 @@ class SubjectStoreWriter:
         self._ctx.__exit__(exc_type, exc, tb)
 
 
+def store_sizes(height: int, width: int) -> tuple[int, ...]:
+    """The sizes stored for source images of ``height`` × ``width``: IMAGE_SIZES, plus each of
+    NATIVE_SIZES the source reaches (256² from the 425² NSD stimuli; never an upsampled copy)."""
+    return IMAGE_SIZES + tuple(s for s in NATIVE_SIZES if s <= min(height, width))
+
+
 def resize_for_store(images: np.ndarray) -> dict[int, np.ndarray]:
-    """uint8 images (n, H, W, 3) → ``{size: (n, 3, size, size) uint8}`` for every size in IMAGE_SIZES.
+    """uint8 images (n, H, W, 3) → ``{size: (n, 3, size, size) uint8}`` for every size of :func:`store_sizes`.
 
     PIL's bicubic resize is anti-aliased when shrinking (its filter support scales with the factor), which
-    is what the 224² (CLIP, encoder, metrics) and 112² (VGG) inputs need.
+    is what the 224² (CLIP, encoder, metrics), 112² (VGG) and 256² (stage 2's VAE) inputs need.
     """
     from PIL import Image
 
-    out = {s: np.empty((len(images), 3, s, s), dtype=np.uint8) for s in IMAGE_SIZES}
+    sizes = store_sizes(*images.shape[1:3])
+    out = {s: np.empty((len(images), 3, s, s), dtype=np.uint8) for s in sizes}
     for n, img in enumerate(images):
         pil = Image.fromarray(img)
-        for s in IMAGE_SIZES:
+        for s in sizes:
             out[s][n] = np.asarray(pil.resize((s, s), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
     return out
 
@@ -150,7 +164,8 @@ def resize_for_store(images: np.ndarray) -> dict[int, np.ndarray]:
 def write_images(
     path: str | os.PathLike, nsd_ids: np.ndarray, images: Any, *, source: str = "", batch: int = 256
 ) -> None:
-    """Write the image store. ``images(ids) -> (n, 3, S, S) uint8`` gives each size in IMAGE_SIZES.
+    """Write the image store. ``images(ids) -> {S: (n, 3, S, S) uint8}`` gives each size in IMAGE_SIZES
+    and any of NATIVE_SIZES (the same sizes for every block; the first block decides).
 
     Args:
         nsd_ids: 0-based 73k ids to store (written sorted).
@@ -163,14 +178,21 @@ def write_images(
             {"format_version": FORMAT_VERSION, "brainit_pl_version": __version__, "source": source}
         )
         h5.create_dataset("nsd_id", data=ids.astype(np.int32))
-        dsets = {
-            s: h5.create_dataset(
-                f"images_{s}", shape=(len(ids), 3, s, s), dtype=np.uint8, chunks=(1, 3, s, s)
-            )
-            for s in IMAGE_SIZES
-        }
+        dsets: dict[int, h5py.Dataset] = {}
         for start in range(0, len(ids), batch):
             block = images(ids[start : start + batch])
+            if not dsets:
+                sizes = sorted(block, key=ALL_IMAGE_SIZES.index)
+                require(
+                    set(IMAGE_SIZES) <= set(sizes) <= set(ALL_IMAGE_SIZES),
+                    f"image sizes {sizes}: need {list(IMAGE_SIZES)}, may add {list(NATIVE_SIZES)}",
+                )
+                dsets = {
+                    s: h5.create_dataset(
+                        f"images_{s}", shape=(len(ids), 3, s, s), dtype=np.uint8, chunks=(1, 3, s, s)
+                    )
+                    for s in sizes
+                }
             for s, d in dsets.items():
                 d[start : start + len(block[s])] = block[s]
 

@@ -177,13 +177,13 @@ class SyntheticFMRI:
         return block.astype(np.float32)
 
     def images(self, rows: np.ndarray | list[int], size: int = 224) -> np.ndarray:
-        """External images of ``rows`` → (n, 3, size, size) uint8 (size in the store's ``IMAGE_SIZES``)."""
-        require(size in IMAGE_SIZES, f"image size {size} not stored; choose one of {IMAGE_SIZES}")
+        """External images of ``rows`` → (n, 3, size, size) uint8 (a size ``images.h5`` holds)."""
+        self.image_store.check_size(size)
         return self.image_store.images(self.image_store.nsd_ids[np.asarray(rows, dtype=np.int64)], size=size)
 
 
 # ------------------------------------------------------------------------------------- external images
-ImageSource = Any  # callable: sorted external ids (n,) -> {size: (n, 3, size, size) uint8} for IMAGE_SIZES
+ImageSource = Any  # callable: sorted external ids (n,) -> {size: (n, 3, size, size) uint8} (store_sizes)
 
 
 def simulated_source(seed: int, size: int) -> ImageSource:
@@ -211,28 +211,32 @@ def simulated_source(seed: int, size: int) -> ImageSource:
 
 
 def hdf5_source(path: Path) -> tuple[int, np.ndarray | None, ImageSource]:
-    """An external image set in MindEye2's format: dataset ``images`` (N, 3, 224, 224), float in [0, 1] or uint8.
+    """An external image set in MindEye2's format: dataset ``images`` (N, 3, S, S), float in [0, 1] or uint8.
+
+    S = 224 is MindEye2's release; a larger S (e.g. the authors' 256² COCO copies) also gives the 256² copy
+    stage 2 reads (:func:`~brainit_pl.data.store_writer.store_sizes`).
 
     An optional dataset ``nsd_ids`` (N,) int gives, for images that are NSD stimuli, their 0-based 73k id
     (-1 for the others), so copies of the shared test images are refused by id as well as by pixels.
 
     Returns:
-        N, the ``nsd_ids`` (or None), and the image source (float images go through MindEye2's
-        ``images_from_float``: 224² = round(x · 255), 112² bicubic from the float values).
+        N, the ``nsd_ids`` (or None), and the image source (224² images go through MindEye2's
+        ``images_from_float``: 224² = round(x · 255), 112² bicubic from the float values; larger ones are
+        rounded to uint8 and resized as ``prepare`` resizes the NSD stimuli).
     """
     from brainit_pl.data.mindeye2 import images_from_float
 
     require(path.is_file(), f"--images-hdf5 {path} not found")
     try:
         with h5py.File(path, "r") as h5:
-            require("images" in h5, f"{path} has no dataset 'images' (expected (N, 3, 224, 224))")
+            require("images" in h5, f"{path} has no dataset 'images' (expected (N, 3, S, S), S >= 224)")
             shape, dtype = h5["images"].shape, h5["images"].dtype
             ids = h5["nsd_ids"][()].astype(np.int64) if "nsd_ids" in h5 else None
     except OSError as err:
         raise BrainITError(f"--images-hdf5 {path} is not a readable HDF5 file ({err})") from err
     require(
-        len(shape) == 4 and shape[1:] == (3, 224, 224) and shape[0] > 0,
-        f"{path}: dataset 'images' has shape {shape}, expected (N, 3, 224, 224)",
+        len(shape) == 4 and shape[1] == 3 and shape[2] == shape[3] >= 224 and shape[0] > 0,
+        f"{path}: dataset 'images' has shape {shape}, expected (N, 3, S, S) with S >= 224 (MindEye2's: 224)",
     )
     require(
         dtype == np.uint8 or np.issubdtype(dtype, np.floating),
@@ -246,7 +250,9 @@ def hdf5_source(path: Path) -> tuple[int, np.ndarray | None, ImageSource]:
         if x.dtype == np.uint8:
             x = x.astype(np.float32) / 255.0  # exact: images_from_float rounds back to the same bytes
         require(bool(np.isfinite(x).all()), f"{path}: images {rows[0]}..{rows[-1]} contain NaN or inf")
-        return images_from_float(x)
+        if x.shape[-1] == 224:
+            return images_from_float(x)
+        return resize_for_store(np.rint(np.clip(x, 0, 1) * 255).astype(np.uint8).transpose(0, 2, 3, 1))
 
     return int(shape[0]), ids, images
 

@@ -6,8 +6,9 @@ external ids 0 .. N-1) and, per subject of the encoder checkpoint, OUT/fmri_subj
 betas (layout: brainit_pl/data/synthetic_store.py). OUT defaults to STORE/synthetic.
 
 Image sets: `--images simulated` (default) generates the simulator's external stream (never the NSD tree's
-images); `--images-hdf5 PATH` reads a prepared set in MindEye2's format, dataset `images` (N, 3, 224, 224)
-float16/float32 in [0, 1] or uint8, with an optional `nsd_ids` (N,) (73k id, -1 for non-NSD images).
+images); `--images-hdf5 PATH` reads a prepared set in MindEye2's format, dataset `images` (N, 3, S, S),
+S >= 224 (S >= 256 also gives stage 2 its 256² copy), float16/float32 in [0, 1] or uint8, with an optional
+`nsd_ids` (N,) (73k id, -1 for non-NSD images).
 
 Leakage: the shared (test) images never enter synthetic data. Every external image is refused if its
 declared nsd id is a shared image of STORE, or if its pixels (224² or 112²) equal a shared image's.
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="output folder (default: STORE/synthetic)")
     parser.add_argument("--images", choices=("simulated",), default="simulated", help="image set (default)")
     parser.add_argument(
-        "--images-hdf5", type=Path, metavar="PATH", help="an image set (N, 3, 224, 224) instead"
+        "--images-hdf5", type=Path, metavar="PATH", help="an image set (N, 3, S, S), S >= 224, instead"
     )
     parser.add_argument(
         "--n-images", type=int, default=1000, metavar="N", help="simulated images (default 1000)"
@@ -120,7 +121,7 @@ def synthesize_fmri(
         images: ``"simulated"`` or ``"hdf5"`` (implied by ``images_hdf5``).
         n_images: N simulated images.
         seed: seed of the simulated images (``None``: the simulation's seed, else 0).
-        images_hdf5: an (N, 3, 224, 224) image set (see the module docstring).
+        images_hdf5: an (N, 3, S, S) image set, S >= 224 (see the module docstring).
         batch_size: images per forward pass.
         device: torch device (default ``"cuda"`` when available).
         overwrite: discard any earlier output in ``out`` and start over.

@@ -89,6 +89,9 @@ class BITModule(L.LightningModule):
         warmup_start: the warm-up's starting fraction of ``lr``.
         lr_factor: ReduceLROnPlateau factor.
         lr_patience: ReduceLROnPlateau patience (epochs).
+        lr_threshold: ReduceLROnPlateau threshold (the authors': 1e-3).
+        lr_threshold_mode: ``"rel"`` or ``"abs"`` (the authors': ``"abs"``, a drop of 1e-3 in ``val/loss``;
+            ``"rel"`` with 1e-4 is PyTorch's default, kept as an option).
         quality_every_n_epochs: compute ``val/clip_cos`` or ``val/vgg_2way`` every N epochs (always at test).
         seed: seed of the low-level position draws.
         trainable: ``"all"`` or ``"voxel_embed"``: only the BIT's voxel table trains (transfer to a new
@@ -123,6 +126,8 @@ class BITModule(L.LightningModule):
         warmup_start: float = 1e-3,
         lr_factor: float = 0.1,
         lr_patience: int = 5,
+        lr_threshold: float = 1e-4,
+        lr_threshold_mode: Literal["rel", "abs"] = "rel",
         quality_every_n_epochs: int = 1,
         seed: int = 0,
         trainable: Literal["all", "voxel_embed"] = "all",
@@ -356,6 +361,8 @@ class BITModule(L.LightningModule):
             mode="min",
             factor=hp.lr_factor,
             patience=hp.lr_patience,
+            threshold=hp.lr_threshold,
+            threshold_mode=hp.lr_threshold_mode,
         )
         # Lightning saves and restores the scheduler; it is stepped in on_validation_epoch_end (see the
         # module docstring), so Lightning's own step is a no-op (lr_scheduler_step).

@@ -2,7 +2,8 @@
 
 Training: every sample is one image with k randomly drawn voxels of its subject (the DataModule's
 ``voxels_per_sample``; subjects mix within a batch, all subjects train jointly); each image is shifted by a
-random ±3 px (reflection pad + crop, :func:`~brainit_pl.models.encoder.random_shift`); loss MSE − 0.1·cos.
+random ±3 px (pad + crop, :func:`~brainit_pl.models.encoder.random_shift`: edge pixels repeated with
+``shift_padding: replicate``, the authors', or mirrored with ``reflect``); loss MSE − 0.1·cos.
 
 Validation: for every voxel, the Pearson correlation r_v between predicted and measured (repeat-averaged)
 betas over the split's images of its subject. ``val/voxel_corr_median`` and ``val/voxel_corr_p75`` are taken
@@ -139,8 +140,12 @@ class EncoderModule(L.LightningModule):
         lr: Adam learning rate.
         cos_weight: weight of the cosine term of the loss.
         max_shift: largest random image shift in pixels during training (0: none).
-        lr_factor: ReduceLROnPlateau factor.
-        lr_patience: ReduceLROnPlateau patience in epochs.
+        shift_padding: what fills the border a shift uncovers: ``"replicate"`` (the edge pixels, the
+            authors') or ``"reflect"`` (mirrored content; a departure, kept as an option).
+        lr_factor: ReduceLROnPlateau factor (the authors': 0.1).
+        lr_patience: ReduceLROnPlateau patience in epochs (the authors': 4).
+        lr_threshold: ReduceLROnPlateau threshold (the authors': 0.003).
+        lr_threshold_mode: ``"rel"`` or ``"abs"`` (the authors': ``"abs"``, a gain of 0.003 in the p75 r).
         trainable: ``"all"`` (adapters, projections, readout) or ``"voxel_embed"`` (only the voxel table;
             transfer to a new subject, docs/method.md §7: everything else has ``requires_grad=False`` and stays
             out of the optimizer).
@@ -166,8 +171,11 @@ class EncoderModule(L.LightningModule):
         lr: float = 1e-3,
         cos_weight: float = 0.1,
         max_shift: int = 3,
+        shift_padding: Literal["replicate", "reflect"] = "reflect",
         lr_factor: float = 0.5,
         lr_patience: int = 2,
+        lr_threshold: float = 1e-4,
+        lr_threshold_mode: Literal["rel", "abs"] = "rel",
         trainable: Literal["all", "voxel_embed"] = "all",
         voxel_subjects: list[int] | None = None,
     ) -> None:
@@ -216,7 +224,7 @@ class EncoderModule(L.LightningModule):
             log.info("the store has no ncsnr for every subject: no noise-ceiling fraction is logged")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        images = random_shift(batch["image_224"], self.hparams.max_shift)
+        images = random_shift(batch["image_224"], self.hparams.max_shift, padding=self.hparams.shift_padding)
         pred = self(images, batch["voxel_ids"])  # (B, k)
         loss, mse, cos = encoder_loss(pred, batch["betas"], self.hparams.cos_weight)
         bs = len(pred)
@@ -284,8 +292,14 @@ class EncoderModule(L.LightningModule):
         # Frozen parameters (trainable="voxel_embed") stay out of the optimizer altogether.
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.Adam(params, lr=self.hparams.lr, amsgrad=True)
+        hp = self.hparams
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="max", factor=self.hparams.lr_factor, patience=self.hparams.lr_patience
+            optimizer,
+            mode="max",
+            factor=hp.lr_factor,
+            patience=hp.lr_patience,
+            threshold=hp.lr_threshold,
+            threshold_mode=hp.lr_threshold_mode,
         )
         # strict=False: a run without a val split (val_fraction 0) trains at a constant learning rate.
         return {

@@ -6,8 +6,10 @@ authors' ``CombinedDiffusionEngine`` around MindEye2's sgm ``DiffusionEngine`` (
 ``StandardDiffusionLoss`` with ``DiscreteSampling`` over ``LegacyDDPMDiscretization``, ``EpsScaling``,
 ``EpsWeighting``, ``offset_noise_level: 0.04``), written with diffusers parts:
 
-* image: ``image_224`` → 256² (anti-aliased bilinear; the authors read 256² copies of the 425² stimuli,
-  our store keeps 224², so this is an upsampling) → x ← 2x − 1 → frozen VAE, in float32 outside autocast
+* image: ``image_<source_size>`` → ``image_size`` (256²): with ``source_size: 256`` the store's native 256²
+  copy of the 425² stimuli, as the authors read (no resize); ``source_size: 224`` (a departure, for stores
+  without that copy: MindEye2's release, the simulator) upsamples the 224² one, anti-aliased bilinear
+  → x ← 2x − 1 → frozen VAE, in float32 outside autocast
   (sgm's ``disable_first_stage_autocast``) → a *sample* of the posterior, not its mode (sgm's
   ``AutoencoderKL`` regulariser samples) → × 0.13025;
 * noise: n = ε + 0.04 · ε_BC with ε_BC ~ N(0, 1) of shape (B, C, 1, 1), one offset per image *and channel*
@@ -101,6 +103,8 @@ class Stage2Module(L.LightningModule):
         warmup_start: the warm-up's starting fraction of ``lr``.
         offset_noise: weight of the per-image, per-channel offset noise.
         image_size: side of the VAE input (256 → 32² latents).
+        source_size: the stored image size read (batch key ``image_<source_size>``; the DataModule's
+            ``image_sizes`` must hold it): 256, the store's native copy (the authors'), or 224, resized.
         gradient_checkpointing: recompute the BIT's and the UNet's blocks in the backward pass.
         weights_dir: the weights folder (default ``$BRAINIT_WEIGHTS``).
         seed: seed of the training and validation draws (noise, timesteps, posterior samples).
@@ -122,6 +126,7 @@ class Stage2Module(L.LightningModule):
         warmup_start: float = 1e-6,
         offset_noise: float = OFFSET_NOISE,
         image_size: int = IMAGE_SIZE,
+        source_size: int = 224,
         gradient_checkpointing: bool = True,
         weights_dir: str | None = None,
         seed: int = 0,
@@ -227,13 +232,13 @@ class Stage2Module(L.LightningModule):
         """MSE between the UNet's ε̂ and the noise added to the batch's latents (module docstring).
 
         Args:
-            batch: ``betas``, ``voxel_ids`` (B, V) and ``image_224`` (B, 3, 224, 224) in [0, 1].
+            batch: ``betas``, ``voxel_ids`` (B, V) and ``image_<source_size>`` (B, 3, S, S) in [0, 1].
             generator: on this module's device; draws the posterior sample, noise, offsets and timesteps.
 
         Returns:
             The scalar float32 loss.
         """
-        latents = self.encode(batch["image_224"], generator)  # (B, 4, h, w)
+        latents = self.encode(batch[f"image_{self.hparams.source_size}"], generator)  # (B, 4, h, w)
         b = len(latents)
         noise = diffusion_noise(tuple(latents.shape), self.hparams.offset_noise, generator, self.device)
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (b,), generator=generator, device=self.device)  # (B,)
@@ -248,12 +253,14 @@ class Stage2Module(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------ steps
     def setup(self, stage: str) -> None:
-        """Check that the DataModule delivers the 224² images."""
+        """Check that the DataModule delivers the ``source_size`` images."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        size = self.hparams.source_size
         if dm is not None and stage in ("fit", "validate", "test"):
             require(
-                224 in getattr(dm, "image_sizes", ()),
-                "stage 2 encodes the 224² stimuli with the VAE: set data.image_sizes: [224]",
+                size in getattr(dm, "image_sizes", ()),
+                f"stage 2 encodes the {size}² stimuli with the VAE (model.init_args.source_size): set "
+                f"data.image_sizes: [{size}]",
             )
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

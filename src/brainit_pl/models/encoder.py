@@ -219,24 +219,36 @@ class UniversalEncoder(nn.Module):
         return torch.arange(start, start + self.n_voxels[subject], device=device)
 
 
-def random_shift(images: Tensor, max_shift: int = 3, generator: torch.Generator | None = None) -> Tensor:
+SHIFT_PADDINGS = ("replicate", "reflect")
+
+
+def random_shift(
+    images: Tensor,
+    max_shift: int = 3,
+    generator: torch.Generator | None = None,
+    padding: str = "reflect",
+) -> Tensor:
     """Shift each image by its own random integer offset in [-max_shift, max_shift] on both axes.
 
-    Done as reflection padding by ``max_shift`` followed by a random crop back to the input size, so the
-    border shows mirrored content instead of black bars (which the backbone would see as an edge).
+    Done as padding by ``max_shift`` followed by a random crop back to the input size. ``padding``
+    ``"replicate"`` repeats the edge pixels into the uncovered border, as the authors' code does
+    (``scipy.ndimage.shift`` with order 0 and mode ``nearest``); ``"reflect"`` mirrors the content there
+    (a departure, docs/method.md §2). Neither shows the backbone black bars.
 
     Args:
         images: (B, C, H, W).
         max_shift: largest shift in pixels.
         generator: random generator of the offsets (default: torch's global one).
+        padding: ``"replicate"`` or ``"reflect"`` (a ``torch.nn.functional.pad`` mode).
 
     Returns:
         (B, C, H, W) shifted images.
     """
+    require(padding in SHIFT_PADDINGS, f"padding must be one of {SHIFT_PADDINGS}, got {padding!r}")
     if max_shift <= 0:
         return images
     b, _, h, w = images.shape
-    padded = F.pad(images, (max_shift,) * 4, mode="reflect")  # (B, C, H + 2s, W + 2s)
+    padded = F.pad(images, (max_shift,) * 4, mode=padding)  # (B, C, H + 2s, W + 2s)
     offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator).tolist()
     # A per-image slice: B small copies are cheaper and clearer than a gather over a sampling grid.
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])

@@ -4,6 +4,10 @@
 - Low-level BIT: symmetric InfoNCE per VGG scale on the sampled token positions, with raw dot-product
   logits (no normalisation, temperature 1), averaged over the scales. ``tests/data/brainit_reference.npz``
   (keys ``infonce/...``) pins the convention.
+
+Both are computed in float32 whatever the autocast around them: the raw logits are dot products of 512-d
+VGG tokens, in the hundreds to thousands, where bfloat16 (8 bits of mantissa) would round them by several
+units; the MSE compares float16-cached CLIP targets in float32 too.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def semantic_mse(pred: Tensor, target: Tensor) -> Tensor:
 
     Args:
         pred: (B, T, D) predicted CLIP tokens.
-        target: (B, T, D) the images' CLIP tokens (cached, possibly float16: compared in ``pred``'s dtype).
+        target: (B, T, D) the images' CLIP tokens (cached, possibly float16: compared in float32).
 
     Returns:
         () the loss.
@@ -30,7 +34,7 @@ def semantic_mse(pred: Tensor, target: Tensor) -> Tensor:
     require(
         pred.shape == target.shape, f"semantic_mse: pred {tuple(pred.shape)} vs target {tuple(target.shape)}"
     )
-    return F.mse_loss(pred, target.to(pred.dtype))
+    return F.mse_loss(pred.float(), target.float())
 
 
 def symmetric_infonce(pred: Tensor, target: Tensor) -> Tensor:
@@ -41,9 +45,11 @@ def symmetric_infonce(pred: Tensor, target: Tensor) -> Tensor:
         target: (N, D) targets.
 
     Returns:
-        () (CE(logits, diag) + CE(logitsᵀ, diag)) / 2 with logits = pred @ targetᵀ.
+        () float32 (CE(logits, diag) + CE(logitsᵀ, diag)) / 2 with logits = pred @ targetᵀ, computed in
+        float32 even under autocast (module docstring).
     """
-    logits = pred @ target.T  # (N, N)
+    with torch.autocast(pred.device.type, enabled=False):
+        logits = pred.float() @ target.float().T  # (N, N)
     labels = torch.arange(len(pred), device=pred.device)  # (N,): the diagonal
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
 
@@ -72,7 +78,6 @@ def infonce_per_scale(pred: Tensor, target: Tensor, tokens_per_scale: Sequence[i
         all(n >= 1 for n in sizes) and sum(sizes) == pred.shape[1],
         f"infonce_per_scale: tokens_per_scale {sizes} must be positive and sum to T={pred.shape[1]}",
     )
-    target = target.to(pred.dtype)
     losses = [
         symmetric_infonce(p.reshape(-1, p.shape[-1]), t.reshape(-1, t.shape[-1]))  # (B·T_s, D) rows
         for p, t in zip(pred.split(sizes, dim=1), target.split(sizes, dim=1))

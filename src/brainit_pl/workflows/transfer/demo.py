@@ -302,7 +302,9 @@ class TransferDemo(Demo):
         argv = ["transfer", "--store", str(self.store), "--subject", str(self.subject), "--hours", str(hours)]
         argv += ["--encoder", str(base["encoder"]), "--clusters", str(clusters or base["clusters"])]
         argv += ["--semantic", str(bits["semantic"]), "--lowlevel", str(bits["lowlevel"])]
-        argv += ["--out", str(folder), "--val-fraction", str(a.val_fraction), "--seed", str(a.seed)]
+        argv += ["--out", str(folder), "--seed", str(a.seed)]
+        # the CPU settings, not the authors' (all data, last epoch): a validation split picks the best epoch
+        argv += ["--val-fraction", str(a.val_fraction), "--keep", "best"]
         argv += ["--init", init, "--external-images", str(a.n_external), "--epochs-stage2", "0", *RECON]
         argv += ["--epochs-encoder", str(a.transfer_encoder_epochs), "--epochs-bit", str(a.transfer_epochs)]
         shown = ["--nets", "tiny", "--limit", str(a.recon_images), "--dip-steps", str(a.dip_steps)]

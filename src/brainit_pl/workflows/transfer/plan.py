@@ -3,7 +3,8 @@
 :class:`Plan` checks the base models and the new subject and builds each step's DataModule
 (:class:`TableDataModule`: batches carry global voxel ids of the base models' table grown by the new
 subject); :class:`Steps` runs a step unless OUT holds its finished result (same settings) and records it;
-:func:`fit_module` trains one module with a checkpoint of its best epoch and a per-epoch log.
+:func:`fit_module` trains one module and keeps the checkpoint of its last epoch (``--keep last``, the
+authors') or of its best validation epoch (``--keep best``), with a per-epoch log.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ INHERITED_DATA = (
     "image_sizes",
     "features",
     "batch_size",
+    "global_batch_size",
     "eval_batch_size",
     "num_workers",
     "pin_memory",
@@ -47,7 +49,12 @@ FALLBACK_DATA: dict[str, dict[str, Any]] = {
     "encoder": {"voxels_per_sample": 5000, "image_sizes": [224], "features": [], "batch_size": 32},
     "semantic": {"voxels_per_sample": 15000, "image_sizes": [], "features": ["clip"], "batch_size": 128},
     "lowlevel": {"voxels_per_sample": 15000, "image_sizes": [112], "features": [], "batch_size": 64},
-    "stage2": {"voxels_per_sample": 15000, "image_sizes": [224], "features": [], "batch_size": 8},
+    "stage2": {
+        "voxels_per_sample": 15000,
+        "image_sizes": [224],
+        "features": [],
+        "batch_size": 8,
+    },  # × 8 accumulated
 }
 
 
@@ -159,7 +166,7 @@ class Plan:
         dm = TableDataModule(str(self.store.root), self.table, **settings)
         dm.setup("fit")
         require(
-            len(dm.samples["val"]) >= 2,
+            self.args.val_fraction == 0 or len(dm.samples["val"]) >= 2,
             f"hours={self.args.hours} with --val-fraction {self.args.val_fraction} leaves "
             f"{len(dm.samples['val'])} validation image(s) of subject {self.args.subject}; at least 2 are "
             "needed (they choose the best checkpoint): raise --val-fraction",
@@ -252,8 +259,11 @@ class EpochLog(L.Callback):
         log.info("%s: epoch %d/%d %s", self.name, trainer.current_epoch + 1, trainer.max_epochs, shown)
 
 
-def make_trainer(plan: Plan, folder: Path, epochs: int, monitor: str, mode: str) -> L.Trainer:
-    """A one-device Trainer logging to ``folder/tb`` and keeping the best checkpoint on ``monitor``."""
+def make_trainer(
+    plan: Plan, folder: Path, epochs: int, monitor: str | None, mode: str, accumulate: int = 1
+) -> L.Trainer:
+    """A one-device Trainer logging to ``folder/tb``, keeping the best checkpoint on ``monitor`` (``None``:
+    the last epoch's), ``accumulate`` micro-batches per optimizer step."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -267,6 +277,7 @@ def make_trainer(plan: Plan, folder: Path, epochs: int, monitor: str, mode: str)
         devices=[dev.index or 0] if dev.type == "cuda" else 1,
         precision=precision,
         max_epochs=epochs,
+        accumulate_grad_batches=accumulate,
         logger=TensorBoardLogger(str(folder), name="tb", version=""),
         callbacks=[
             ModelCheckpoint(folder / "checkpoints", filename="best", monitor=monitor, mode=mode),
@@ -285,13 +296,19 @@ def seed_run(plan: Plan) -> None:
     L.seed_everything(plan.args.seed, workers=True, verbose=False)
 
 
-def fit_module(plan: Plan, module, dm, folder: Path, name: str, epochs: int, monitor: str, mode: str) -> dict:
-    """Train, score the best checkpoint on S's validation images, keep it as ``folder/name``."""
+def fit_module(
+    plan: Plan, module, dm, folder: Path, name: str, epochs: int, monitor: str, mode: str, accumulate: int = 1
+) -> dict:
+    """Train, keep the last (``--keep last``) or best epoch as ``folder/name``, score it on S's validation
+    images when there are any; ``module`` ends with the kept weights."""
     require(epochs >= 1, f"the {name} training needs at least 1 epoch, got {epochs}")
-    trainer = make_trainer(plan, folder, epochs, monitor, mode)
+    best = plan.args.keep == "best"
+    trainer = make_trainer(plan, folder, epochs, monitor if best else None, mode, accumulate)
     trainer.fit(module, datamodule=dm)
-    best = trainer.checkpoint_callback.best_model_path
-    (metrics,) = trainer.validate(module, datamodule=dm, ckpt_path=best, verbose=False)
-    os.replace(best, folder / name)
+    kept = trainer.checkpoint_callback.best_model_path  # without a monitor: the last epoch's
+    metrics = {}
+    if len(dm.samples["val"]):
+        (metrics,) = trainer.validate(module, datamodule=dm, ckpt_path=kept if best else None, verbose=False)
+    os.replace(kept, folder / name)
     shutil.rmtree(folder / "checkpoints", ignore_errors=True)
     return {"val": {k: float(v) for k, v in metrics.items()}, "checkpoint": str(folder / name)}

@@ -8,9 +8,11 @@ were trained without S. Only S's voxel embeddings are learned, everything else s
                embeddings; mm coordinates for anatomical clusters)
 3. synthetic   the transferred encoder's synthetic fMRI of the external images (+ their CLIP tokens)
 4. semantic    S's rows of the semantic BIT's voxel table, initialised from the nearest reference voxels'
-5. lowlevel    rows (``--init nn``) or random; AdamW lr 5e-4, 50 epochs, 1 real : 3 synthetic samples
-6. stage2      S's rows of the stage-2 BIT (diffusion loss through the frozen UNet), lr 1e-5; from the base
-               stage-2 model with ``--stage2``, else from the pretrained unCLIP (``--epochs-stage2 0``: off)
+5. lowlevel    rows (``--init nn``) or random; AdamW lr 5e-4 (constant, no warm-up), 50 epochs, 1 real : 3
+               synthetic samples
+6. stage2      S's rows of the stage-2 BIT (diffusion loss through the frozen UNet), lr 1e-5 after a 1,000-step
+               warm-up, 200 epochs, batch 64 (8 per step × 8 accumulated); from the base stage-2 model with
+               ``--stage2``, else from the pretrained unCLIP (``--epochs-stage2 0``: off)
 7. reconstruct S's shared test images through `brainit-pl reconstruct`, scored: with the stage-2 model
                of step 6 (stage ``semantic``, the method), or, when stage 2 is off, with the stage-1 BIT and
                the stock unCLIP (stage ``semantic_stock``, the "without adapted CLIP" ablation)
@@ -21,8 +23,14 @@ made with other settings is refused; an interrupted training step starts over). 
 metrics and timings. The checkpoints load on their own: OUT/encoder/encoder.ckpt is an EncoderModule of the
 base subjects + S (what ``synthesize-fmri`` reads), OUT/semantic|lowlevel/*.ckpt are BITModules with the
 clusters OUT/v2c/clusters.npz (what ``reconstruct`` reads), OUT/stage2/stage2.ckpt a Stage2Module (what
-``reconstruct --stage2`` reads) with OUT/stage2/semantic.ckpt (its adapted BIT as a BITModule). Training data settings (voxels per sample, batch size, ...) are the base
-runs' (from their checkpoints), with S's data only; trainings run on one device.
+``reconstruct --stage2`` reads) with OUT/stage2/semantic.ckpt (its adapted BIT as a BITModule). Training data
+settings (voxels per sample, batch size, ...) are the base runs' (from their checkpoints), with S's data only;
+trainings run on one device.
+
+The defaults are the authors' transfer (docs/method.md §7): every trial of S's hours trains (no validation
+split, ``--val-fraction 0``), so the rates stay constant (the plateau schedules have nothing to watch) and the
+last epoch of each training is kept (``--keep last``). ``--val-fraction F --keep best`` holds out a fraction
+of S's images and keeps the best validation epoch instead (the CPU demo does; a departure).
 
 examples:
   brainit-pl transfer --store data/store --subject 2 --hours 1 --encoder base/encoder.ckpt \\
@@ -72,16 +80,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="simulated external images (default: 1000)",
     )
-    add("--images-hdf5", type=Path, metavar="PATH", help="an external image set (N, 3, 224, 224) instead")
+    add(
+        "--images-hdf5",
+        type=Path,
+        metavar="PATH",
+        help="an external image set (N, 3, S, S), S >= 224, instead",
+    )
     add("--external-ratio", type=float, default=3.0, help="synthetic samples per real one (default: 3)")
     add("--epochs-encoder", type=int, default=30, help="(default: 30)")
     add("--epochs-bit", type=int, default=50, help="(default: 50)")
-    add("--epochs-stage2", type=int, default=10, help="0 skips stage 2 (default: 10)")
+    add("--epochs-stage2", type=int, default=200, help="0 skips stage 2 (default: 200, the authors')")
     add("--lr-encoder", type=float, default=1e-3, help="Adam (amsgrad) learning rate (default: 1e-3)")
     add("--lr-bit", type=float, default=5e-4, help="AdamW learning rate (default: 5e-4)")
     add("--lr-stage2", type=float, default=1e-5, help="AdamW learning rate (default: 1e-5)")
     add("--bit-warmup-epochs", type=int, default=0, help="cubic warm-up epochs of the BITs (default: 0)")
-    add("--val-fraction", type=float, default=0.05, help="S's images held out for validation (default: 0.05)")
+    add(
+        "--stage2-warmup-steps",
+        type=int,
+        default=1000,
+        help="linear warm-up steps of stage 2 (default: 1000)",
+    )
+    add(
+        "--stage2-accumulate",
+        type=int,
+        default=8,
+        help="stage-2 micro-batches per optimizer step (default: 8)",
+    )
+    add(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        help="S's images held out for validation (default: 0, none)",
+    )
+    add(
+        "--keep",
+        choices=("last", "best"),
+        default="last",
+        help="checkpoint kept per training (default: last)",
+    )
     add("--unclip", type=Path, help="MindEye2 unclip6 checkpoint (default: the weights folder's)")
     add("--tiny-unclip", action="store_true", help="the random tiny unCLIP twin (smoke tests)")
     add("--tiny-refine", action="store_true", help="add the refined stage with the tiny SDXL twin")
@@ -118,9 +154,8 @@ def _encoder_step(plan: Plan, folder: Path) -> dict:
     seed_run(plan)
     module = EncoderModule.transfer_from(plan.args.encoder, plan.new, lr=plan.args.lr_encoder)
     dm = plan.data("encoder", "encoder")
-    return fit_module(
-        plan, module, dm, folder, "encoder.ckpt", plan.args.epochs_encoder, "val/voxel_corr_p75", "max"
-    )
+    epochs = plan.args.epochs_encoder
+    return fit_module(plan, module, dm, folder, "encoder.ckpt", epochs, "val/voxel_corr_p75", "max")
 
 
 def _v2c_step(plan: Plan, folder: Path) -> dict:
@@ -209,7 +244,9 @@ def _bit_step(plan: Plan, folder: Path, branch: str, external: Path | None) -> d
         getattr(a, branch), plan.new, plan.out / "v2c" / "clusters.npz", neighbours,
         lr=a.lr_bit, warmup_epochs=a.bit_warmup_epochs, quality_every_n_epochs=1,
     )  # fmt: skip
-    dm = plan.data(branch, branch, external=_str(external), external_ratio=a.external_ratio)
+    dm = plan.data(
+        branch, branch, external=_str(external), external_mode="ratio", external_ratio=a.external_ratio
+    )
     return fit_module(plan, module, dm, folder, f"{branch}.ckpt", a.epochs_bit, "val/loss", "min")
 
 
@@ -219,27 +256,42 @@ def _stage2_step(plan: Plan, folder: Path, external: Path | None) -> dict:
 
     from brainit_pl.lit.bit import BITModule
     from brainit_pl.lit.stage2 import Stage2Module
-    from brainit_pl.workflows.transfer.plan import fit_module, seed_run
+    from brainit_pl.workflows.transfer.plan import FALLBACK_DATA, fit_module, seed_run
 
     a = plan.args
     semantic = plan.out / "semantic" / "semantic.ckpt"
     base = plan.ckpt.get("stage2", {}).get("hyper_parameters", {})
-    kept = {k: base[k] for k in ("offset_noise", "image_size", "gradient_checkpointing") if k in base}
+    names = ("offset_noise", "image_size", "source_size", "gradient_checkpointing")
+    kept = {k: base[k] for k in names if k in base}
     seed_run(plan)
     module = Stage2Module(
         plan.table, bit_checkpoint=str(semantic), unclip=_str(a.unclip or base.get("unclip")),
         tiny_unclip=plan.tiny_unclip, trainable="voxel_embed", voxel_subjects=[a.subject], lr=a.lr_stage2,
-        warmup_steps=0, weights_dir=_str(a.weights_dir), seed=a.seed, **kept,
+        warmup_steps=a.stage2_warmup_steps, weights_dir=_str(a.weights_dir), seed=a.seed, **kept,
     )  # fmt: skip
     if a.stage2 is not None:
         module.init_from_stage2(a.stage2)
     base_data = "stage2" if a.stage2 is not None else "semantic"
-    dm = plan.data(  # stage 2 reads the 224² images, not the CLIP cache
-        "stage2", base_data, external=_str(external), external_ratio=a.external_ratio, features=[],
-        image_sizes=[224],
+    # Without a base stage-2 run, the semantic BIT's batch of 128 would not fit: stage 2's own per device.
+    own = {"batch_size": FALLBACK_DATA["stage2"]["batch_size"], "global_batch_size": None}
+    batch = {} if a.stage2 is not None else own
+    size = module.hparams.source_size
+    dm = plan.data(  # stage 2 reads the images (the base run's size), not the CLIP cache
+        "stage2", base_data, external=_str(external), external_mode="ratio", external_ratio=a.external_ratio,
+        features=[], image_sizes=[size], **batch,
     )  # fmt: skip
-    result = fit_module(plan, module, dm, folder, "stage2.ckpt", a.epochs_stage2, "val/loss", "min")
-    # The best weights are in ``module`` (validate loaded them): export what `reconstruct` reads.
+    result = fit_module(
+        plan,
+        module,
+        dm,
+        folder,
+        "stage2.ckpt",
+        a.epochs_stage2,
+        "val/loss",
+        "min",
+        accumulate=a.stage2_accumulate,
+    )
+    # The kept weights are in ``module`` (the last epoch's, or the best that validate loaded): export them.
     bit = load_module(BITModule, semantic)
     bit.net.load_state_dict(module.net.state_dict())
     with atomic_path(folder / "semantic.ckpt") as tmp, open(tmp, "wb") as f:
@@ -284,10 +336,15 @@ def transfer(args: argparse.Namespace) -> dict[str, Any]:
 
     require(args.external_images >= 0, f"--external-images must be >= 0, got {args.external_images}")
     require(args.epochs_stage2 >= 0, f"--epochs-stage2 must be >= 0, got {args.epochs_stage2}")
+    require(args.stage2_accumulate >= 1, f"--stage2-accumulate must be >= 1, got {args.stage2_accumulate}")
+    require(
+        args.keep == "last" or args.val_fraction > 0,
+        "--keep best needs validation images: pass --val-fraction F (e.g. 0.1), or keep the last epoch",
+    )
     plan = Plan(args)
     steps = Steps(args.out, args.overwrite)
     common = {"store": str(Path(args.store).resolve()), "subject": args.subject, "hours": args.hours}
-    common.update(seed=args.seed, val_fraction=args.val_fraction, precision=args.precision)
+    common.update(seed=args.seed, val_fraction=args.val_fraction, precision=args.precision, keep=args.keep)
     enc = {
         **common,
         "encoder": file_identity(args.encoder),
@@ -318,6 +375,7 @@ def transfer(args: argparse.Namespace) -> dict[str, Any]:
     if args.epochs_stage2 > 0:
         settings = {"after": records["semantic"]["settings"], "base": file_identity(args.stage2)}
         settings.update(epochs=args.epochs_stage2, lr=args.lr_stage2, unclip=_str(args.unclip))
+        settings.update(warmup_steps=args.stage2_warmup_steps, accumulate=args.stage2_accumulate)
         settings["tiny_unclip"] = plan.tiny_unclip
         stage2 = steps.run("stage2", settings, lambda f: _stage2_step(plan, f, external))
         records["stage2"] = stage2
