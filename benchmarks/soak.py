@@ -18,8 +18,9 @@ checkpoint (file name and score). Each run gets its own free MASTER_PORT and non
 variables of this process (RANK, WORLD_SIZE, ...). The per-batch progress and delay come from the
 test callback tests/resume_progress.py, as in tests/test_resume.py.
 
-Both parts print their figures and write JSON under benchmarks/results/ (soak_loader.json,
-soak_ddp.json). The simulated NSD roots and stores are kept under --work and reused.
+Both parts print their figures and write JSON under benchmarks/results/ (soak_loader_wW_bB.json for W
+workers and B batches, soak_ddp_kK.json for K kills). The simulated NSD roots and stores are kept under
+--work and reused.
 
 usage:
   python benchmarks/soak.py                                  # both parts, defaults (8 workers, 10000 batches)
@@ -163,7 +164,11 @@ def _slope(probes: list[dict], key: str) -> float:
 
 
 def summarize_probes(probes: list[dict]) -> dict:
-    """Start / middle / end and slopes (all probes, second half) of each probed figure."""
+    """Start / middle / end, min / max and slopes (all probes, second half) of each probed figure.
+
+    File descriptor counts fluctuate while batches are in flight (each tensor a worker sends travels as a
+    shared-memory descriptor), so their min / max say more than a slope: bounded = no leak.
+    """
     half = probes[len(probes) // 2 :]
     keys = [k for k in probes[0] if k not in ("batch", "workers")]
     return {
@@ -171,6 +176,8 @@ def summarize_probes(probes: list[dict]) -> dict:
             "start": probes[0][k],
             "middle": probes[len(probes) // 2][k],
             "end": probes[-1][k],
+            "min": min(p[k] for p in probes),
+            "max": max(p[k] for p in probes),
             "slope_per_1000": _slope(probes, k),
             "slope_per_1000_second_half": _slope(half, k),
         }
@@ -215,7 +222,8 @@ def loader_soak(args: argparse.Namespace) -> dict:
     for key, s in summary.items():
         print(
             f"  {key:>20}: start {s['start']:8.1f}  middle {s['middle']:8.1f}  end {s['end']:8.1f}  "
-            f"slope {s['slope_per_1000']:+7.2f}/1000 batches (second half {s['slope_per_1000_second_half']:+7.2f})"
+            f"[{s['min']:.0f}, {s['max']:.0f}]  slope {s['slope_per_1000']:+7.2f}/1000 batches "
+            f"(second half {s['slope_per_1000_second_half']:+7.2f})"
         )
     print(
         f"  first {report['hash_batches']} batches identical in a second process: {report['identical_on_rerun']}"
@@ -430,9 +438,10 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     parts = {"loader": loader_soak, "ddp": ddp_soak}
+    sizes = {"loader": f"w{args.workers}_b{args.batches}", "ddp": f"k{args.kills}"}
     for name in ("loader", "ddp") if args.part == "both" else (args.part,):
         report = parts[name](args)
-        out = args.results / f"soak_{name}.json"
+        out = args.results / f"soak_{name}_{sizes[name]}.json"
         out.write_text(json.dumps(report, indent=1))
         print(f"  → {out}", flush=True)
 
