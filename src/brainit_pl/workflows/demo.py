@@ -181,6 +181,9 @@ class Demo:
                       lambda: self.sh("prepare", "--nsd-root", str(nsd), "--out", str(store), "--overwrite"))  # fmt: skip
         self.step("clip features", store / "features_clip.h5",
                   lambda: self.sh("extract-features", "--store", str(store), "--tiny"))  # fmt: skip
+        pretrain = "bit" in a.models and not a.no_reconstruct and a.unclip_epochs > 0
+        # The encoder and the unCLIP pretraining read only the store and its CLIP cache: side by side.
+        self._side_by_side([self._encoder_job(store), *([self._unclip_job(store)] if pretrain else [])])
         encoder = self._encoder(store)
         clusters = self._clusters(store, encoder, _simulation_root(store))
         external = out / "synthetic"
@@ -203,24 +206,43 @@ class Demo:
                     store, branch, "bit_anatomical", "bit", clusters["anatomical"],
                     external if a.n_external > 0 else None)  # fmt: skip
         if "bit" in a.models and not a.no_reconstruct:
-            unclip = self._unclip_pretrain(store) if a.unclip_epochs > 0 else None
+            unclip = self._run_job(self._unclip_job(store)) if pretrain else None
             stage2 = self._stage2(store, ckpts["semantic/bit"], unclip)
             self._reconstruct(store, ckpts["lowlevel/bit"], stage2, ckpts["semantic/bit"], unclip)
             self._linear_baseline(store)
         self._report(store)
         return self.summary
 
+    def _encoder_job(self, store: Path) -> tuple[str, Path, list[str]]:
+        run = self.out / "encoder"
+        return "encoder", run / "done", [
+            "fit", "--config", str(packaged_config("encoder_demo")), "--data.store", str(store),
+            "--trainer.default_root_dir", str(run), "--trainer.max_epochs", str(self.args.encoder_epochs),
+            "--trainer.enable_progress_bar", "false"]  # fmt: skip
+
+    def _unclip_job(self, store: Path) -> tuple[str, Path, list[str]]:
+        run = self.out / "unclip_pretrain"
+        export = run / "unclip_tiny.ckpt"  # the sgm checkpoint: written last, so also the step's done file
+        return "unCLIP pretraining", export, [
+            "fit", "--config", str(packaged_config("sim/unclip_pretrain_demo")), "--data.store", str(store),
+            "--model.init_args.export", str(export), "--trainer.default_root_dir", str(run / "fit"),
+            "--trainer.max_epochs", str(self.args.unclip_epochs)]  # fmt: skip
+
+    def _run_job(self, job: tuple[str, Path, list[str]]) -> Path:
+        """One job of :meth:`_side_by_side` on its own (skipped when done); its done file."""
+        name, done, cmd = job
+
+        def action() -> None:
+            self.sh(*cmd)
+            if not done.exists():
+                done.write_text("ok\n")
+
+        self.step(name, done, action)
+        return done
+
     def _encoder(self, store: Path) -> Path:
         run = self.out / "encoder"
-        done = run / "done"
-
-        def fit() -> None:
-            self.sh("fit", "--config", str(packaged_config("encoder_demo")), "--data.store", str(store),
-                    "--trainer.default_root_dir", str(run), "--trainer.max_epochs", str(self.args.encoder_epochs),
-                    "--trainer.enable_progress_bar", "false")  # fmt: skip
-            done.write_text("ok\n")
-
-        self.step("encoder", done, fit)
+        self._run_job(self._encoder_job(store))
         ckpt = sorted(run.rglob("last.ckpt"))[-1]
         scores = run / "scores.json"
         self.step("encoder vs ridge", scores, lambda: _score_encoder(ckpt, store, scores))
@@ -267,27 +289,35 @@ class Demo:
         return ["fit", *common, *fit], common
 
     def _train_side_by_side(self, store: Path, branch: str, jobs: list, external) -> None:
-        """Train the branch's unfinished iterative models (BIT, MindEye2) ``--jobs`` at a time.
+        """Train the branch's unfinished iterative models (BIT, MindEye2) ``--jobs`` at a time."""
+        self._side_by_side(
+            [
+                (f"{branch} {key}", self.out / branch / key / "fit" / "done", fit)
+                for key, kind, clusters in jobs
+                if kind != "ridge"
+                for fit in [self._fit_args(store, branch, key, kind, clusters, external)[0]]
+            ]
+        )
+
+    def _side_by_side(self, jobs: list[tuple[str, Path, list[str]]]) -> None:
+        """Run the unfinished ``(name, done file, brainit-pl args)`` jobs ``--jobs`` at a time, one thread each.
 
         Small models on a few cores: two processes with one torch thread each get more done than one
         process with two threads, which mostly wait on each other (measured on the 2-core demo machine).
+        Fewer than two unfinished jobs: nothing runs here (each job's own step runs it the usual way).
         """
-        todo = [
-            (key, self._fit_args(store, branch, key, kind, clusters, external)[0])
-            for key, kind, clusters in jobs
-            if kind != "ridge" and not (self.out / branch / key / "fit" / "done").exists()
-        ]
+        todo = [job for job in jobs if not job[1].exists()]
         if len(todo) < 2 or getattr(self.args, "jobs", 1) < 2:
-            return  # _feature_model trains it the usual way
+            return
         while todo:
             batch, todo = todo[: self.args.jobs], todo[self.args.jobs :]
-            names = ", ".join(f"{branch} {key}" for key, _ in batch)
-            print(f"[{names}] side by side", flush=True)
+            print(f"[{', '.join(name for name, _, _ in batch)}] side by side", flush=True)
             start = time.perf_counter()
-            self.sh_parallel([cmd for _, cmd in batch])
-            for key, _ in batch:
-                (self.out / branch / key / "fit" / "done").write_text("ok\n")
-                self.summary["timings_s"][f"{branch} {key}"] = round(time.perf_counter() - start, 1)
+            self.sh_parallel([cmd for _, _, cmd in batch])
+            for name, done, _ in batch:
+                if not done.exists():  # a marker (an export is its own)
+                    done.write_text("ok\n")
+                self.summary["timings_s"][name] = round(time.perf_counter() - start, 1)
 
     def _feature_model(self, store: Path, branch: str, key: str, kind: str, clusters: Path, external) -> Path:
         run = self.out / branch / key
@@ -315,19 +345,6 @@ class Demo:
             )
             row[f"{branch}_test_{name}"] = tested.get(f"test/{name}", [None])[-1]
         return ckpt
-
-    def _unclip_pretrain(self, store: Path) -> Path:
-        """The tiny unCLIP twin trained on the stimuli of the training images: its sgm checkpoint."""
-        run = self.out / "unclip_pretrain"
-        export = run / "unclip_tiny.ckpt"
-
-        def fit() -> None:
-            self.sh("fit", "--config", str(packaged_config("sim/unclip_pretrain_demo")), "--data.store", str(store),
-                    "--model.init_args.export", str(export), "--trainer.default_root_dir", str(run / "fit"),
-                    "--trainer.max_epochs", str(self.args.unclip_epochs))  # fmt: skip
-
-        self.step("unCLIP pretraining", export, fit)
-        return export
 
     def _stage2(self, store: Path, semantic: Path, unclip: Path | None) -> Path:
         """Stage 2: the semantic BIT and the tiny unCLIP UNet fine-tuned together (the demo's adapted CLIP)."""
