@@ -44,6 +44,7 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
         assert low <= summary["recon"][stage]["pixcorr"] <= high, stage
     assert (out / "report" / "reconstructions.png").is_file() and (out / "report" / "metrics.json").is_file()
     assert (out / "unclip_pretrain" / "unclip_tiny.ckpt").is_file() and "unclip" in summary["cpu_reductions"]
+    assert {"semantic_vs_semantic_stock", "lowlevel_vs_linear"} <= set(summary["recon_comparisons"])
     # Every step is skipped the second time.
     timings = summary["timings_s"]
     assert main(args) == 0
@@ -66,3 +67,26 @@ def test_the_configs_the_workflows_run_exist():
     named |= {f"sim/{kind}_{branch}" for kind in MODELS.values() for branch in ("semantic", "lowlevel")}
     assert {"demo", "encoder_demo", "sim/stage2_demo"} <= named
     assert named <= set(config_names())
+
+
+def test_recon_comparisons_pair_the_same_images(tmp_path):
+    """The demo's stage claims: a paired bootstrap per metric, on the images both stages scored."""
+    import numpy as np
+    import pandas as pd
+
+    from brainit_pl.workflows.demo import recon_comparisons
+
+    rng = np.random.default_rng(0)
+    images = [f"{i:05d}.png" for i in range(30)]
+    base = rng.normal(0.3, 0.1, 30)
+    for stage, shift in (("semantic", 0.05), ("semantic_stock", 0.0), ("lowlevel", 0.0), ("linear", 0.2)):
+        folder = tmp_path / f"metrics_{stage}"
+        folder.mkdir()
+        frame = {"subject": "subj01", "image": images, "pixcorr": base + shift, "swav": 0.5 - base - shift}
+        pd.DataFrame(frame).iloc[::-1].to_csv(folder / "per_image.csv", index=False)  # order does not matter
+    result = recon_comparisons(tmp_path)
+    assert result["semantic_vs_semantic_stock"]["pixcorr"]["verdict"] == "better"
+    assert result["semantic_vs_semantic_stock"]["swav"]["verdict"] == "better"  # lower is better
+    assert result["lowlevel_vs_linear"]["pixcorr"]["verdict"] == "worse"
+    row = result["lowlevel_vs_linear"]["pixcorr"]
+    assert abs(row["diff"] + 0.2) < 1e-9 and row["diff_ci"][0] <= row["diff"] + 1e-9  # a constant shift

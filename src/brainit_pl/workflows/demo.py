@@ -210,6 +210,7 @@ class Demo:
             stage2 = self._stage2(store, ckpts["semantic/bit"], unclip)
             self._reconstruct(store, ckpts["lowlevel/bit"], stage2, ckpts["semantic/bit"], unclip)
             self._linear_baseline(store)
+            self.summary["recon_comparisons"] = recon_comparisons(self.out / "reconstruct")
         self._report(store)
         return self.summary
 
@@ -444,6 +445,38 @@ def stage_metrics(path: Path) -> dict[str, Any]:
     """A metrics.json's means over subjects, each with its 95 % bootstrap interval as ``<metric>_ci``."""
     results = json.loads(path.read_text())
     return {**results["mean"], **results.get("mean_ci", {})}
+
+
+# (system a, system b) of the reconstruction claims: the paper's stage 2 against its ablation, and the
+# low-level images against the linear pixel decoder (the folders' metrics_<stage>/per_image.csv).
+RECON_PAIRS = (("semantic", "semantic_stock"), ("lowlevel", "linear"))
+LOWER_IS_BETTER = ("effnet", "swav")
+
+
+def recon_comparisons(folder: Path) -> dict[str, dict[str, Any]]:
+    """Paired bootstrap (same images) of :data:`RECON_PAIRS` per metric: ``a − b``, its interval, the verdict."""
+    import pandas as pd
+
+    from brainit_pl.metrics.bootstrap import paired_bootstrap
+
+    out: dict[str, dict[str, Any]] = {}
+    for a, b in RECON_PAIRS:
+        files = [folder / f"metrics_{s}" / "per_image.csv" for s in (a, b)]
+        if not all(f.exists() for f in files):
+            continue
+        merged = pd.read_csv(files[0]).merge(
+            pd.read_csv(files[1]), on=["subject", "image"], suffixes=("_a", "_b")
+        )
+        rows = {}
+        for metric in (c[:-2] for c in merged.columns if c.endswith("_a")):
+            pair = merged[[f"{metric}_a", f"{metric}_b"]].dropna()
+            if len(pair):
+                r = paired_bootstrap(
+                    pair.iloc[:, 0], pair.iloc[:, 1], higher_is_better=metric not in LOWER_IS_BETTER
+                )
+                rows[metric] = {"diff": r.mean_diff, "diff_ci": list(r.ci), "verdict": r.verdict}
+        out[f"{a}_vs_{b}"] = rows
+    return out
 
 
 def best_checkpoint(run: Path) -> Path:
