@@ -60,11 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--semantic-epochs",
         type=int,
-        default=10,
-        help="epochs of the semantic BIT and MindEye2 (default: 10)",
+        default=15,
+        help="epochs of the semantic BIT and MindEye2 (default: 15)",
     )
     parser.add_argument(
-        "--lowlevel-epochs", type=int, default=5, help="epochs of the low-level BIT and MindEye2 (default: 5)"
+        "--lowlevel-epochs", type=int, default=7, help="epochs of the low-level BIT and MindEye2 (default: 7)"
     )
     parser.add_argument("--bit-epochs", type=int, help="set both --semantic-epochs and --lowlevel-epochs")
     parser.add_argument(
@@ -75,10 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--n-external", type=int, default=500, help="external images (0: none) (default: 500)"
     )
     parser.add_argument(
+        "--external-mode",
+        choices=("concat", "ratio"),
+        default="concat",
+        help="how the BITs and MindEye2 mix in the external samples: every external image once per epoch "
+        "(concat, the authors' base training) or a number of synthetic samples per real one (ratio, their "
+        "transfer's) (default: concat)",
+    )
+    parser.add_argument(
         "--lowlevel-external-ratio",
         type=float,
         default=1.0,
-        help="synthetic samples per real one in the low-level branch (default: 1; the method and the semantic branch: 3); "
+        help="with --external-mode ratio: synthetic samples per real one in the low-level branch (default: 1; "
+        "the transfer and the semantic branch: 3); "
         "its VGG targets and contrastive loss are computed per sample, so each synthetic one costs a real one's time",
     )
     parser.add_argument(
@@ -284,8 +293,12 @@ class Demo:
         fit = ["--trainer.default_root_dir", str(run / "fit")]
         if kind != "ridge":
             fit += ["--trainer.max_epochs", str(self._epochs(branch))]
-            fit += ["--data.external", str(external)] if external else []
-            if external and branch == "lowlevel":
+            fit += (
+                ["--data.external", str(external), "--data.external_mode", self.args.external_mode]
+                if external
+                else []
+            )
+            if external and branch == "lowlevel" and self.args.external_mode == "ratio":
                 fit += ["--data.external_ratio", str(self.args.lowlevel_external_ratio)]
         return ["fit", *common, *fit], common
 
