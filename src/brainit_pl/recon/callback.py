@@ -232,6 +232,7 @@ class ReconstructionCallback(Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from brainit_pl.metrics.report import log_to_tensorboard
         from brainit_pl.recon.reconstruct import finish, mark_finished
+        from brainit_pl.viz import log_png
 
         chain = self._reconstructor(pl_module)
         subjects = _gather(trainer, self._subjects)
@@ -243,14 +244,9 @@ class ReconstructionCallback(Callback):
         for stage, result in results.items():
             if trainer.logger is not None:
                 log_to_tensorboard(trainer.logger, result, prefix=f"test_{stage}", step=trainer.global_step)
-        writer = getattr(trainer.logger, "experiment", None)
-        grid = self._out / "reconstructions.png"
-        if writer is not None and hasattr(writer, "add_image") and grid.is_file():
-            import numpy as np
-            from PIL import Image
-
-            writer.add_image("test/reconstructions", np.asarray(Image.open(grid).convert("RGB")),
-                             trainer.global_step, dataformats="HWC")  # fmt: skip
+        log_png(
+            trainer.logger, "test/reconstructions", self._out / "reconstructions.png", trainer.global_step
+        )
         log.info("test reconstructions (%s) in %s", ", ".join(chain.stages), self._out)
 
 

@@ -80,3 +80,58 @@ def plot_voxel_map(
         axes.figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     if own_figure:
         plt.close(fig)
+
+
+FSAVERAGE5_VERTICES = (
+    10242  # per hemisphere; fsaverage's first 10,242 vertices are fsaverage5's (icosahedron)
+)
+
+
+def plot_surface_map(
+    path: str | os.PathLike, values: np.ndarray, ijk: np.ndarray, *, title: str | None = None
+) -> None:
+    """Draw per-vertex values of an fsaverage store on nilearn's bundled fsaverage5 surfaces; save a PNG.
+
+    ``ijk`` is the store's vertex table: (vertex id, hemisphere 0 = lh / 1 = rh, -1). fsaverage's vertex
+    numbering nests its coarser icosahedra, so the vertices with ids below 10,242 are exactly fsaverage5's:
+    they are drawn (on the inflated surface, lateral view), the finer ones are left out.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn import datasets, plotting
+
+    values, ijk = np.asarray(values, dtype=np.float32), np.asarray(ijk, dtype=np.int64)
+    require(values.shape == (len(ijk),), f"{values.shape[0]} values for {len(ijk)} vertices")
+    mesh = datasets.fetch_surf_fsaverage("fsaverage5")  # bundled with nilearn: no download
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), subplot_kw={"projection": "3d"})
+    limit = float(np.abs(values).max()) or 1.0
+    for hemi, (side, ax) in enumerate(zip(("left", "right"), axes)):
+        texture = np.full(FSAVERAGE5_VERTICES, np.nan, dtype=np.float32)
+        keep = (ijk[:, 1] == hemi) & (ijk[:, 0] < FSAVERAGE5_VERTICES)
+        texture[ijk[keep, 0]] = values[keep]
+        plotting.plot_surf_stat_map(
+            mesh[f"infl_{side}"], texture, hemi=side, bg_map=mesh[f"sulc_{side}"], axes=ax, figure=fig,
+            colorbar=hemi == 1, vmax=limit, engine="matplotlib",
+        )  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_subject_map(
+    path: str | os.PathLike, values: np.ndarray, subject, *, title: str | None = None
+) -> bool:
+    """Per-voxel values of one subject of a store on its brain: the volume (stat map) when the store has its
+    geometry, the fsaverage surface for a surface store. ``subject`` is a store's subject (``ijk``,
+    ``space``, ``affine``, ``volume_shape``). Returns False (nothing drawn) when there is no geometry."""
+    if subject.affine is not None and subject.volume_shape is not None:
+        plot_voxel_map(path, values, subject.ijk, subject.volume_shape, subject.affine, title=title)
+        return True
+    if str(getattr(subject, "space", "")).startswith("fsaverage"):
+        plot_surface_map(path, values, subject.ijk, title=title)
+        return True
+    return False
