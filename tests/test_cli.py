@@ -51,3 +51,14 @@ def test_every_shipped_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code == 0
     assert "class_path" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_lightning_progress_bar_only_on_a_terminal(tty, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    config = Path(__file__).parents[1] / "configs" / "sim" / "bit_semantic.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert f"enable_progress_bar: {str(tty).lower()}" in capsys.readouterr().out

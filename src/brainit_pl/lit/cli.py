@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ class BrainITCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
+        # Lightning's bar (elapsed < ETA per epoch) on a terminal; none in a log file or CI, where every
+        # refresh would be a line. A config's or the command line's trainer.enable_progress_bar wins.
+        kwargs.setdefault("trainer_defaults", {"enable_progress_bar": sys.stderr.isatty()})
         super().__init__(
             model_class=LightningModule,
             datamodule_class=NSDDataModule,

@@ -180,7 +180,7 @@ def _plot_maps(out: Path, clusters: ClusterMap, store: Store, tensorboard: bool)
 
         writer = SummaryWriter(str(out / "tb"))
     written = []
-    for s in tqdm(clusters.n_voxels, desc="brain maps", unit="subject"):
+    for s in tqdm(clusters.n_voxels, desc="brain maps", unit="subject", disable=None):
         sub = store.subject(s)
         if sub.affine is None or sub.volume_shape is None:
             log.warning("subject %d: the store has no volume geometry (surface space?); no brain map", s)
