@@ -157,12 +157,8 @@ class ReconstructionCallback(Callback):
         if not self._due(trainer) or held >= self.n_images:
             return
         take = self.n_images - held  # batches hold one subject each: keep them as separate parts
-        keys = ("betas", "voxel_ids", "nsd_id", "subject", "image_224")
-        require(
-            "image_224" in batch,
-            "ReconstructionCallback compares with the 224² stimuli: add 224 to data.image_sizes",
-        )
-        self._subset.append({k: batch[k][:take].detach() for k in keys})
+        part = {k: batch[k][:take].detach() for k in ("betas", "voxel_ids", "nsd_id", "subject")}
+        self._subset.append({**part, "gt": _ground_truth(batch)[:take].detach().cpu()})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._subset:
@@ -176,7 +172,7 @@ class ReconstructionCallback(Callback):
         rows: dict[str, list[torch.Tensor]] = {"gt": []}
         for part in self._subset:
             images = chain(part)
-            rows["gt"].append(part["image_224"].float().cpu())
+            rows["gt"].append(part["gt"])
             for stage, pixels in images.items():
                 rows.setdefault(stage, []).append(_to_224(pixels).cpu())
         self._subset = []
@@ -259,6 +255,16 @@ def _gather(trainer: L.Trainer, subjects: set[int]) -> list[int]:
     parts: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(parts, sorted(subjects))
     return sorted({s for part in parts for s in part})
+
+
+def _ground_truth(batch: dict) -> torch.Tensor:
+    """The batch's stimuli at 224²: ``image_224``, else its largest size upsampled (a
+    low-level run reads only 112²; its previews are then scored against the upsampled stimuli)."""
+    sizes = sorted(
+        int(k.split("_")[1]) for k in batch if k.startswith("image_") and k.split("_")[1].isdigit()
+    )
+    require(bool(sizes), "ReconstructionCallback compares with the stimuli: the batches hold no image_<size>")
+    return _to_224(batch[f"image_{sizes[-1]}"])
 
 
 def _to_224(images: torch.Tensor) -> torch.Tensor:
