@@ -54,6 +54,8 @@ def test_surface_store_maps_on_fsaverage5_and_no_geometry_draws_nothing(tmp_path
     surface = SimpleNamespace(ijk=ijk, space="fsaverage", affine=None, volume_shape=None)
     assert plot_subject_map(tmp_path / "surf.png", np.linspace(-1, 1, len(ijk)), surface, title="r")
     assert Image.open(tmp_path / "surf.png").size[0] > 300
+    labels = np.arange(len(ijk)) % 5  # clusters
+    assert plot_subject_map(tmp_path / "labels.png", labels, surface, categorical=True)
     mindeye2 = SimpleNamespace(ijk=ijk, space="mindeye2", affine=None, volume_shape=None)
     assert not plot_subject_map(tmp_path / "none.png", np.zeros(len(ijk)), mindeye2)
     assert not (tmp_path / "none.png").exists()
