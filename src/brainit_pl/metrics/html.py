@@ -102,15 +102,17 @@ def gallery_table(gallery: Gallery, n_images: int = GALLERY_IMAGES) -> str:
     head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
     rows = []
     for name in list(gallery.names)[:n_images]:
-        cells = []
-        for label, folder in zip(labels, folders):
-            path = Path(folder) / name
-            cells.append(f"<td>{_img(png_data_uri(path, THUMBNAIL), f'{label} {name}')}</td>" if path.is_file() else "<td>—</td>")  # fmt: skip
+        cells = [_thumbnail(Path(folder) / name, f"{label} {name}") for label, folder in zip(labels, folders)]
         rows.append(f"<tr><th>{html.escape(Path(name).stem)}</th>{''.join(cells)}</tr>")
     return (
         f"<h3>{html.escape(gallery.subject)}</h3>"
         f'<table class="gallery"><tr><th>image</th>{head}</tr>{"".join(rows)}</table>'
     )
+
+
+def _thumbnail(path: Path, alt: str) -> str:
+    """A table cell with the image at ``path`` as a thumbnail, "—" when it is missing."""
+    return f"<td>{_img(png_data_uri(path, THUMBNAIL), alt)}</td>" if path.is_file() else "<td>—</td>"
 
 
 def figure(path: str | os.PathLike, caption: str | None = None) -> str:
