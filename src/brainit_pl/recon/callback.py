@@ -14,7 +14,7 @@ Attach to a run (``trainer.callbacks`` in the config). What the chain is made of
 * validation, every ``every_n_epochs`` epochs: a fixed subset (the first ``n_images`` validation images)
   is reconstructed with ``dip_steps`` DIP steps; ``val/recon_<stage>_pixcorr`` / ``_ssim`` are logged and a
   grid (ground truth | each stage) goes to TensorBoard as ``val/reconstructions``;
-* test: every test image (``test_dip_steps``), saved as ``brainit-pl reconstruct`` saves them (PNGs and
+* test (unless ``test=False``: the training configs only preview): every test image (``test_dip_steps``), saved as ``brainit-pl reconstruct`` saves them (PNGs and
   arrays per subject and stage, in ``<log dir>/reconstruct``), scored per stage with the metric suite
   (``metrics_<stage>/``) and logged to TensorBoard (``test_<stage>/...``).
 
@@ -62,6 +62,8 @@ class ReconstructionCallback(Callback):
         weights_dir: the weights folder.
         out_dir: where test reconstructions go (default ``<log dir>/reconstruct``).
         seed: seeds the DIP and the diffusion noise.
+        test: reconstruct and score the test images at ``test`` (``False``: validation previews only, as the
+            training configs use it: their ``test`` scores features, not pictures).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class ReconstructionCallback(Callback):
         weights_dir: str | None = None,
         out_dir: str | None = None,
         seed: int = 0,
+        test: bool = True,
     ) -> None:
         require(every_n_epochs >= 0 and n_images >= 1, "every_n_epochs must be >= 0 and n_images >= 1")
         require(nets in ("real", "tiny", "none"), f"nets must be real, tiny or none, got {nets!r}")
@@ -101,6 +104,7 @@ class ReconstructionCallback(Callback):
         }
         self.dip_steps, self.test_dip_steps = dip_steps, test_dip_steps
         self.nets, self.weights_dir, self.out_dir = nets, weights_dir, out_dir
+        self.test = test
         self._chain: Reconstructor | None = None
         self._subset: list[dict[str, torch.Tensor]] = []
 
@@ -188,6 +192,8 @@ class ReconstructionCallback(Callback):
 
     # ------------------------------------------------------------------------------------------- test
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.test:
+            return
         # one folder for all ranks: rank 0's log dir, broadcast (the others may not know it)
         from brainit_pl.recon.reconstruct import claim_folder
 
@@ -220,6 +226,8 @@ class ReconstructionCallback(Callback):
     ) -> None:
         from brainit_pl.recon.reconstruct import reconstruct_missing
 
+        if not self.test:
+            return
         chain = self._reconstructor(pl_module)
         chain.dip_steps = self.test_dip_steps
         reconstruct_missing(self._out, batch, chain)
@@ -230,6 +238,8 @@ class ReconstructionCallback(Callback):
         from brainit_pl.recon.reconstruct import finish, mark_finished
         from brainit_pl.viz import log_png
 
+        if not self.test:
+            return
         chain = self._reconstructor(pl_module)
         subjects = _gather(trainer, self._subjects)
         trainer.strategy.barrier("reconstructions written")  # every rank's PNGs are on disk
