@@ -27,7 +27,8 @@ no decoding metric in closed form (a token cosine or a two-way accuracy also dep
 the feature panels draw instead, dotted, the all-data models of transfer-demo (every subject, all
 sessions) when ``--base`` has their scores.
 
-Writes OUT/h<hours>/<method>/ (runs and ``scores.json``), OUT/data_efficiency.json, .md and .png.
+Writes OUT/h<hours>/<method>/ (runs and ``scores.json``), OUT/data_efficiency.json, .md and .png (also in
+TensorBoard: ``tensorboard --logdir OUT/tb``, image ``data_efficiency/curves``).
 
 usage:
   make data-efficiency   # --store demo/store --subject 4 --base runs/transfer-1h --out runs/data-efficiency
@@ -229,7 +230,10 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(path.parent / "tb")) as writer:  # tensorboard --logdir OUT/tb
+        writer.add_figure("data_efficiency/curves", fig)  # closes the figure
 
 
 def _fmt(value: float | None) -> str:

@@ -2,6 +2,7 @@
 
 import os
 import re
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import NamedTuple
 
@@ -137,3 +138,40 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class _PageParser(HTMLParser):
+    """The ``<img>`` sources and table count of an HTML page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.tables = 0
+
+    def handle_starttag(self, tag, attrs) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        self.tables += tag == "table"
+
+
+@pytest.fixture(scope="session")
+def read_report():
+    """``read(path)``: parse a report.html, check that every picture it shows decodes (base64) or exists
+    (a relative path); returns ``(text, n_images, n_tables)``."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    def read(path: Path) -> tuple[str, int, int]:
+        text = Path(path).read_text()
+        parser = _PageParser()
+        parser.feed(text)
+        for src in parser.images:
+            if src.startswith("data:image/png;base64,"):
+                Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).verify()
+            else:
+                assert (Path(path).parent / src).is_file(), f"{path} shows a missing picture {src}"
+        return text, len(parser.images), parser.tables
+
+    return read

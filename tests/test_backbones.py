@@ -285,6 +285,8 @@ def test_dinov2_reads_meta_files_at_the_pretraining_grid(tmp_path):
 
 def test_missing_default_files_name_file_folder_source_and_size(tmp_path, monkeypatch):
     monkeypatch.setenv(WEIGHTS_ENV, str(tmp_path))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))  # nor in this machine's download caches
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for build, key in (
         (lambda: build_clip(), "clip-vit-bigg-14"),
         (lambda: build_vgg(), "vgg16-bn"),

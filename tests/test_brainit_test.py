@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from brainit_pl.cli import main
+from brainit_pl.metrics.html import GALLERY_IMAGES
 from test_fit import DIST_VARS
 
 CONFIG = str(Path(__file__).parents[1] / "configs" / "sim" / "test_tiny.yaml")
@@ -31,7 +32,7 @@ def _out(root) -> Path:
     return out
 
 
-def test_test_reconstructs_with_the_stage2_model(bit_store, checkpoints, tmp_path):
+def test_test_reconstructs_with_the_stage2_model(bit_store, checkpoints, tmp_path, read_report):
     stock = ("--model.init_args.semantic_stock", str(checkpoints.semantic))
     assert main(_args(bit_store, tmp_path / "t", checkpoints, *stock)) == 0
     out = _out(tmp_path / "t")
@@ -42,6 +43,8 @@ def test_test_reconstructs_with_the_stage2_model(bit_store, checkpoints, tmp_pat
         results = json.loads((out / f"metrics_{stage}" / "metrics.json").read_text())
         assert set(results["per_subject"]) == {"subj01", "subj02"}
     assert json.loads((out / "run.json").read_text())["finished"] is True
+    shown = min(SHARED, GALLERY_IMAGES)  # the first images of each subject, ground truth + 3 stages
+    assert read_report(out / "report.html")[1] == 2 * shown * 4
     from test_bit_lit import _scalars
 
     logged = _scalars(tmp_path / "t")

@@ -141,3 +141,14 @@ def test_project_help_imports_no_torch():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_lightning_progress_bar_only_on_a_terminal(tty, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
+    config = Path(__file__).parents[1] / "configs" / "sim" / "bit_semantic.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(config), "--print_config"])
+    assert f"enable_progress_bar: {str(tty).lower()}" in capsys.readouterr().out

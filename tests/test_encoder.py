@@ -233,3 +233,17 @@ def test_shared_test_images_never_reach_encoder_training(tiny_store):
         int(i) for split in ("train", "val") for batch in dm.make_dataloader(split) for i in batch["nsd_id"]
     }
     assert shared and seen and not shared & seen
+
+
+def test_brain_maps_of_the_last_epoch_go_to_tensorboard(tiny_store, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["fit", "--config", CONFIG, "--data.store", str(tiny_store), "--trainer.default_root_dir"]
+    assert (
+        main([*args, str(tmp_path), "--trainer.max_epochs", "1", "--model.init_args.brain_maps", "true"]) == 0
+    )
+    maps = sorted(p.name for p in tmp_path.rglob("brain_maps/*.png"))
+    assert maps == [f"val_{m}_subj0{s}.png" for m in ("noise_ceiling", "voxel_corr") for s in (1, 2)]
+    (events,) = tmp_path.rglob("events.out.tfevents.*")
+    tags = EventAccumulator(str(events)).Reload().Tags()["images"]
+    assert {"val/brain_voxel_corr/subj01", "val/brain_noise_ceiling/subj02"} <= set(tags)

@@ -55,6 +55,14 @@ def _evaluate(tree: dict[str, Path], *extra: str, recons: Path | None = None) ->
     return main([*argv, "--nets", "tiny", "--device", "cpu", "--batch-size", "3", *extra])
 
 
+def test_evaluate_writes_a_self_contained_report_html(tree, read_report):
+    assert _evaluate(tree, "--n-boot", "20") == 0
+    text, n_images, n_tables = read_report(tree["out"] / "report.html")
+    assert n_images == 2 * N * 2  # per subject: each image's ground truth beside its reconstruction
+    assert n_tables == 3 and "subj01" in text and "subj02" in text and "bootstrap intervals" in text
+    assert text.count("<small>[") >= 2 * 3  # intervals, e.g. PixCorr / SSIM of both subjects and the mean
+
+
 def test_evaluate_per_subject_writes_the_three_tables(tree):
     assert _evaluate(tree) == 0
     results = json.loads((tree["out"] / "metrics.json").read_text())

@@ -8,7 +8,7 @@ from brainit_pl.cli import main
 
 
 @pytest.mark.slow
-def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
+def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path, read_report):
     import shutil
 
     store = tmp_path / "store"
@@ -45,6 +45,8 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path):
     assert (out / "report" / "reconstructions.png").is_file() and (out / "report" / "metrics.json").is_file()
     assert (out / "unclip_pretrain" / "unclip_tiny.ckpt").is_file() and "unclip" in summary["cpu_reductions"]
     assert {"semantic_vs_semantic_stock", "lowlevel_vs_linear"} <= set(summary["recon_comparisons"])
+    text, n_images, _ = read_report(out / "report" / "report.html")
+    assert "val voxel corr subj01" in text and n_images > 2 * 2 * 5  # the galleries, the maps
     # Every step is skipped the second time.
     timings = summary["timings_s"]
     assert main(args) == 0

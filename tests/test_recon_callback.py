@@ -55,3 +55,24 @@ def test_previews_and_test_reconstructions(bit_store, checkpoints, tmp_path):
         results = json.loads((out / f"metrics_{stage}" / "metrics.json").read_text())
         assert set(results["per_subject"]) == {"subj01", "subj02"}
     assert "test_lowlevel/pixcorr" in _scalars(tmp_path / "test")
+
+
+def test_previews_of_a_run_without_224_images_use_the_upsampled_stimuli():
+    import torch
+
+    from brainit_pl.recon.callback import _ground_truth
+
+    small = torch.rand(2, 3, 112, 112)
+    assert _ground_truth({"image_112": small, "betas": torch.zeros(2, 4)}).shape == (2, 3, 224, 224)
+    big = torch.rand(2, 3, 224, 224)
+    assert torch.equal(_ground_truth({"image_112": small, "image_224": big}), big)
+
+
+def test_previews_only_callback_leaves_test_alone():
+    """The training configs' callback (``test: false``): `brainit-pl test` of them scores features only."""
+    from brainit_pl.recon.callback import ReconstructionCallback
+
+    callback = ReconstructionCallback(test=False)
+    for hook in (callback.on_test_start, callback.on_test_epoch_end):
+        assert hook(None, None) is None  # returns before touching the trainer or building a chain
+    assert callback.on_test_batch_end(None, None, None, {}, 0) is None and callback._chain is None

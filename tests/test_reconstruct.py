@@ -33,7 +33,7 @@ def _reconstruct(store, out, ckpts, *extra, stock=False):
     return main(["reconstruct", "--store", str(store), "--out", str(out), *models, *QUICK, *extra])
 
 
-def test_chain_files_and_scores(bit_store, checkpoints, tmp_path):
+def test_chain_files_and_scores(bit_store, checkpoints, tmp_path, read_report):
     out = tmp_path / "out"
     assert _reconstruct(bit_store, out, checkpoints, "--tiny-refine", stock=True) == 0
     for subject in ("subj01", "subj02"):
@@ -50,6 +50,10 @@ def test_chain_files_and_scores(bit_store, checkpoints, tmp_path):
         assert set(results["per_subject"]) == {"subj01", "subj02"}
         assert -1 <= results["mean"]["pixcorr"] <= 1
     assert json.loads((out / "run.json").read_text())["finished"] is True
+    text, n_images, n_tables = read_report(
+        out / "report.html"
+    )  # ground truth + 4 stages, 2 images, 2 subjects
+    assert n_images == 2 * 2 * 5 and n_tables == 2 + 4 and "semantic_stock" in text
     # the method and the ablation start from the same DIP image and noise: only the models differ
     method, stock = (np.load(out / "subj01" / f"{s}.npz")["images"] for s in ("semantic", "semantic_stock"))
     assert method.shape == stock.shape and not np.array_equal(method, stock)

@@ -230,3 +230,13 @@ def test_cli_refusal_is_one_line(bit_store, tmp_path, stderr_lines):
     assert _stage2(bit_store, tmp_path / "missing.ckpt", tmp_path) == 2
     lines = stderr_lines()
     assert "missing.ckpt does not exist" in lines[-1] and sum("error" in line for line in lines) == 1, lines
+
+
+def test_validation_previews_of_the_adapted_model(bit_store, bit_ckpt, tmp_path):
+    """The ReconstructionCallback of configs/sim/stage2_demo.yaml: stage ``semantic`` from noise, in TensorBoard."""
+    preview = ("--trainer.callbacks+=brainit_pl.recon.callback.ReconstructionCallback",)
+    preview += ("--trainer.callbacks.every_n_epochs=1", "--trainer.callbacks.n_images=2")
+    assert _stage2(bit_store, bit_ckpt, tmp_path, "--trainer.max_epochs", "1", *preview) == 0
+    assert -1 <= _scalars(tmp_path)["val/recon_semantic_pixcorr"][0] <= 1
+    (events,) = Path(tmp_path).rglob("events.out.tfevents.*")
+    assert "val/reconstructions" in EventAccumulator(str(events)).Reload().Tags()["images"]

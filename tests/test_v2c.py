@@ -150,7 +150,12 @@ def test_cluster_job_end_to_end(tiny_nsd, tiny_store, tmp_path, stderr_lines):
     for s in n_voxels:
         png = out / f"clusters_subj{s:02d}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert list((out / "tb").glob("events.out.tfevents.*"))
+    (events,) = (out / "tb").glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert {f"v2c/clusters_subj{s:02d}" for s in n_voxels} <= set(
+        EventAccumulator(str(events)).Reload().Tags()["images"]
+    )
     report = json.loads((out / "agreement.json").read_text())
     assert set(report["ari"]["per_subject"]) == {str(s) for s in n_voxels}
     assert report["ari"]["pooled"] > report["anatomical_baseline_ari"]["pooled"] + 0.3

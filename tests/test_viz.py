@@ -54,3 +54,35 @@ def test_plot_voxel_map_writes_png(tmp_path):
         title="labels",
     )
     assert Image.open(tmp_path / "labels.png").size[0] > 100
+
+
+def test_surface_store_maps_on_fsaverage5_and_no_geometry_draws_nothing(tmp_path):
+    from types import SimpleNamespace
+
+    from brainit_pl.viz import plot_subject_map
+
+    ids = np.arange(0, 20000, 7)  # fsaverage vertex ids, beyond fsaverage5's 10,242 too
+    ijk = np.stack([np.r_[ids, ids], np.r_[0 * ids, 0 * ids + 1], -np.ones(2 * len(ids), int)], 1)
+    surface = SimpleNamespace(ijk=ijk, space="fsaverage", affine=None, volume_shape=None)
+    assert plot_subject_map(tmp_path / "surf.png", np.linspace(-1, 1, len(ijk)), surface, title="r")
+    assert Image.open(tmp_path / "surf.png").size[0] > 300
+    labels = np.arange(len(ijk)) % 5  # clusters
+    assert plot_subject_map(tmp_path / "labels.png", labels, surface, categorical=True)
+    mindeye2 = SimpleNamespace(ijk=ijk, space="mindeye2", affine=None, volume_shape=None)
+    assert not plot_subject_map(tmp_path / "none.png", np.zeros(len(ijk)), mindeye2)
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_log_png_sends_a_saved_picture_to_tensorboard(tmp_path):
+    from brainit_pl.viz import log_png
+
+    class Writer:
+        def add_image(self, tag, array, step, dataformats):
+            self.got = (tag, array.shape, step, dataformats)
+
+    save_image_grid(tmp_path / "g.png", [np.zeros((2, 3, 8, 8), np.uint8)], size=8, padding=0)
+    writer = Writer()
+    assert log_png(writer, "val/x", tmp_path / "g.png", 3) and writer.got == ("val/x", (8, 16, 3), 3, "HWC")
+    assert not log_png(writer, "val/x", tmp_path / "missing.png") and not log_png(
+        None, "t", tmp_path / "g.png"
+    )

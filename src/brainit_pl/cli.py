@@ -71,6 +71,10 @@ PROJECT_COMMANDS: dict[str, tuple[str, str]] = {
         "brainit_pl.workflows.transfer.run",
         "add a new subject to trained base models from little data (only its voxel embeddings learn)",
     ),
+    "weights": (
+        "brainit_pl.backbones.inventory",
+        "list the pretrained files the real configs read: found where, or the command that fetches them",
+    ),
     "transfer-demo": (
         "brainit_pl.workflows.transfer.demo",
         "hold out a simulated subject: transfer from 1 h vs scratch vs all data, one report (make transfer-1h)",

@@ -2,7 +2,11 @@
 
 Every pretrained network brainit-pl uses comes from a local file; nothing is downloaded at run time.
 A file is found from an explicit path, or by its fixed name under the weights folder: the ``weights_dir``
-argument, else the environment variable ``BRAINIT_WEIGHTS``, else ``~/.cache/brainit-pl/weights``.
+argument, else the environment variable ``BRAINIT_WEIGHTS``, else ``~/.cache/brainit-pl/weights``; failing
+that, where the usual downloaders keep it (:func:`find_weights`): the Hugging Face cache
+(``huggingface-cli download``; ``HF_HUB_CACHE``, looked up offline) for a file hosted there, torch hub's
+checkpoint folder (``torch.hub.get_dir()/checkpoints``, ``TORCH_HOME``) for any other URL.
+``brainit-pl weights`` lists them all, present or missing, with the command that fetches each.
 :data:`WEIGHT_FILES` lists each file with its source and size (``data/README.md`` lists the same): the
 training backbones' and the metric networks' alike, all found, read (:func:`read_state_dict`) and checked
 (:func:`load_checked`) by the same code.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -43,33 +48,57 @@ class WeightFile:
         url: where to download it from.
         size: its size, as the source lists it.
         what: what it is, for messages.
+        used_by: which configs and commands read it (``brainit-pl weights`` lists it).
     """
 
     path: str
     url: str
     size: str
     what: str
+    used_by: str = ""
+
+    @property
+    def hub(self) -> tuple[str, str, str] | None:
+        """``(repo_id, filename, repo_type)`` when the file is hosted on the Hugging Face Hub, else ``None``."""
+        found = _HF_URL.match(self.url)
+        if found is None:
+            return None
+        kind, repo, filename = found.groups()
+        return repo, filename, "dataset" if kind == "datasets/" else "model"
+
+    def fetch_command(self) -> str:
+        """The shell command that downloads the file where :func:`find_weights` looks for it."""
+        if self.hub is not None:
+            repo, filename, repo_type = self.hub
+            kind = " --repo-type dataset" if repo_type == "dataset" else ""
+            return f"huggingface-cli download{kind} {repo} {filename}"
+        return f"wget -P {_torch_hub_checkpoints()} {self.url}"
 
 
+_HF_URL = re.compile(r"https://huggingface\.co/(datasets/)?([^/]+/[^/]+)/resolve/main/(.+)")
 _TORCHVISION = "https://download.pytorch.org/models/"
+_METRICS = "brainit-pl evaluate / test / reconstruct --nets real (the {} column)"
 WEIGHT_FILES: dict[str, WeightFile] = {
     "clip-vit-bigg-14": WeightFile(
         path="CLIP-ViT-bigG-14-laion2B-39B-b160k/open_clip_pytorch_model.bin",
         url="https://huggingface.co/laion/CLIP-ViT-bigG-14-laion2B-39B-b160k/resolve/main/open_clip_pytorch_model.bin",
         size="10.2 GB",
         what="OpenCLIP ViT-bigG-14 laion2b_s39b_b160k checkpoint",
+        used_by="extract-features: the CLIP token cache configs/subj01.yaml trains on",
     ),
     "vgg16-bn": WeightFile(
         path="vgg16_bn-6c64b313.pth",
         url="https://download.pytorch.org/models/vgg16_bn-6c64b313.pth",
         size="528 MiB",
         what="torchvision VGG16-BN ImageNet weights (VGG16_BN_Weights.IMAGENET1K_V1)",
+        used_by="configs/subj01_lowlevel.yaml: the low-level BIT's VGG targets",
     ),
     "dinov2-vitl14-reg": WeightFile(
         path="vit_large_patch14_reg4_dinov2.lvd142m/model.safetensors",
         url="https://huggingface.co/timm/vit_large_patch14_reg4_dinov2.lvd142m/resolve/main/model.safetensors",
         size="1.22 GB",
         what="DINOv2 ViT-L/14 with 4 registers (timm vit_large_patch14_reg4_dinov2.lvd142m)",
+        used_by="configs/encoder.yaml (the Universal Encoder)",
     ),
     # MindEye2's SDXL-unCLIP (brainit_pl.models.unclip): an sgm DiffusionEngine state dict, UNet + SDXL VAE.
     "mindeye2-unclip6": WeightFile(
@@ -77,6 +106,7 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         url="https://huggingface.co/datasets/pscotti/mindeyev2/resolve/main/unclip6_epoch0_step110000.ckpt",
         size="10+ GB",
         what="MindEye2 SDXL-unCLIP checkpoint (sgm DiffusionEngine, unclip6_epoch0_step110000.ckpt)",
+        used_by="configs/stage2_subj01.yaml, configs/test_subj01.yaml (unCLIP sampling)",
     ),
     # SDXL base for the optional img2img refinement (brainit_pl.recon.refine): an sgm-layout single file; it
     # also needs the repo's diffusers config folder (JSON + tokenizer files only), see recon/refine.py.
@@ -85,6 +115,7 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         url="https://huggingface.co/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
         size="6.94 GB",
         what="SDXL base 1.0 single-file checkpoint (stabilityai/stable-diffusion-xl-base-1.0)",
+        used_by="configs/test_subj01.yaml refine / reconstruct --refine (optional)",
     ),
     # The metric networks' files (brainit_pl.metrics.nets), under their download names.
     "alexnet": WeightFile(
@@ -92,18 +123,21 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         url=_TORCHVISION + "alexnet-owt-7be5be79.pth",
         size="233 MB",
         what="torchvision AlexNet ImageNet weights (AlexNet_Weights.IMAGENET1K_V1)",
+        used_by=_METRICS.format("Alex(2), Alex(5)"),
     ),
     "inception-v3": WeightFile(
         path="inception_v3_google-0cc3c7bd.pth",
         url=_TORCHVISION + "inception_v3_google-0cc3c7bd.pth",
         size="104 MB",
         what="torchvision Inception v3 ImageNet weights (Inception_V3_Weights.IMAGENET1K_V1)",
+        used_by=_METRICS.format("Incep"),
     ),
     "efficientnet-b1": WeightFile(
         path="efficientnet_b1-c27df63c.pth",
         url=_TORCHVISION + "efficientnet_b1-c27df63c.pth",
         size="30 MB",
         what="torchvision EfficientNet-B1 ImageNet weights (EfficientNet_B1_Weights.IMAGENET1K_V2)",
+        used_by=_METRICS.format("Eff, mindeye2 protocol"),
     ),
     # Brain-Diffuser's efficientnet_b1(weights=True) means IMAGENET1K_V1 (torchvision's legacy "pretrained"
     # default). Its torchvision 0.13.1 downloaded this file as efficientnet_b1_rwightman-533bc792.pth;
@@ -113,12 +147,14 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         url=_TORCHVISION + "efficientnet_b1_rwightman-bac287d4.pth",
         size="30 MB",
         what="torchvision EfficientNet-B1 ImageNet weights ported from timm (EfficientNet_B1_Weights.IMAGENET1K_V1)",
+        used_by=_METRICS.format("Eff, braindiffuser protocol"),
     ),
     "swav-rn50": WeightFile(
         path="swav_800ep_pretrain.pth.tar",
         url="https://dl.fbaipublicfiles.com/deepcluster/swav_800ep_pretrain.pth.tar",
         size="~110 MB",
         what="SwAV ResNet-50 800-epoch checkpoint (facebookresearch/swav)",
+        used_by=_METRICS.format("SwAV"),
     ),
     "openai-clip-vit-l-14": WeightFile(
         path="ViT-L-14.pt",
@@ -126,6 +162,7 @@ WEIGHT_FILES: dict[str, WeightFile] = {
         "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
         size="890 MB",
         what="OpenAI CLIP ViT-L/14 TorchScript archive",
+        used_by=_METRICS.format("CLIP"),
     ),
 }
 
@@ -136,6 +173,48 @@ def weights_folder(weights_dir: str | os.PathLike | None = None) -> Path:
     return Path(chosen).expanduser()
 
 
+def _torch_hub_checkpoints() -> Path:
+    """torch hub's download folder (``torch.hub.get_dir()/checkpoints``; ``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _in_hf_cache(spec: WeightFile) -> Path | None:
+    """The file in the Hugging Face cache (``HF_HUB_CACHE``), looked up offline; ``None`` if absent."""
+    if spec.hub is None:
+        return None
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # huggingface_hub is optional: no cache to look in
+        return None
+    repo, filename, repo_type = spec.hub
+    # the variable is read now: huggingface_hub read it at import, and it may have been set since
+    cache = os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE
+    found = try_to_load_from_cache(repo, filename, cache_dir=cache, repo_type=repo_type)
+    return Path(found) if isinstance(found, str) else None
+
+
+def find_weights(key: str, weights_dir: str | os.PathLike | None = None) -> tuple[Path, str] | None:
+    """Where :data:`WEIGHT_FILES` ``[key]`` is on this machine, without touching the network.
+
+    Looks in the weights folder (:func:`weights_folder`), then the Hugging Face cache (files hosted there),
+    then torch hub's checkpoint folder (files downloaded by URL).
+
+    Returns:
+        ``(path, where)`` with ``where`` one of ``"weights folder"``, ``"hugging face cache"``,
+        ``"torch hub"``; ``None`` when it is in none of them.
+    """
+    spec = WEIGHT_FILES[key]
+    candidates = (
+        ("weights folder", weights_folder(weights_dir) / spec.path),
+        ("hugging face cache", _in_hf_cache(spec)),
+        ("torch hub", _torch_hub_checkpoints() / Path(spec.url).name),
+    )
+    for where, path in candidates:
+        if path is not None and path.exists():
+            return path, where
+    return None
+
+
 def resolve_weights(
     key: str, path: str | os.PathLike | None = None, *, weights_dir: str | os.PathLike | None = None
 ) -> Path:
@@ -143,14 +222,15 @@ def resolve_weights(
 
     Args:
         key: which file (a key of :data:`WEIGHT_FILES`).
-        path: an explicit file (or folder) to use instead of the default name in the weights folder.
+        path: an explicit file (or folder) to use instead of :func:`find_weights`'s.
         weights_dir: the weights folder (see :func:`weights_folder`); ignored when ``path`` is given.
 
     Returns:
         The existing path.
 
     Raises:
-        BrainITError: the file is missing; the message names it, its source URL and size.
+        BrainITError: the file is missing; the message names it, its source URL and size, and the
+            command that fetches it.
     """
     spec = WEIGHT_FILES[key]
     source = f"{spec.what}, {spec.size}, from {spec.url}; see data/README.md"
@@ -158,14 +238,17 @@ def resolve_weights(
         found = Path(path).expanduser()
         require(found.exists(), f"weight file not found: {found} (expected the {source})")
         return found
-    root = weights_folder(weights_dir)
-    found = root / spec.path
+    located = find_weights(key, weights_dir)
+    expected = weights_folder(weights_dir) / spec.path
     require(
-        found.exists(),
-        f"missing weight file {found} ({source}): download it to that path, or set {WEIGHTS_ENV} to the "
-        f"folder that holds {spec.path}, or pass the file's path",
+        located is not None,
+        f"missing weight file {expected} ({source}): download it to that path, or set {WEIGHTS_ENV} to the "
+        f"folder that holds {spec.path}, or pass the file's path, or fetch it with "
+        f"`{spec.fetch_command()}` (`brainit-pl weights` lists every file)",
     )
-    return found
+    if located[1] != "weights folder":
+        log.info("%s: %s from the %s", key, located[0], located[1])
+    return located[0]
 
 
 def read_state_dict(path: str | os.PathLike, prefix: str = "") -> dict[str, Tensor]:

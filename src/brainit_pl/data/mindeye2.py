@@ -253,7 +253,9 @@ def _write_subject(path: Path, betas_path: Path, subject: int, trials: dict[str,
             trials_per_session=NSD_TRIALS_PER_SESSION,
             source=f"mindeye2 {betas_path}",
         ) as writer:
-            for a, b in tqdm(list(zip(starts, ends)), desc=f"subj{subject:02d} betas", unit="session"):
+            for a, b in tqdm(
+                list(zip(starts, ends)), desc=f"subj{subject:02d} betas", unit="session", disable=None
+            ):
                 rows = g[a:b]
                 block = dset[rows[0] : rows[-1] + 1][rows - rows[0]]  # (n, V): one slice, then pick rows
                 bad = ~(np.isfinite(block) & (np.abs(block) < FLOAT16_MAX)).all(axis=1)
@@ -338,7 +340,7 @@ def prepare_mindeye2(root: Path, out: Path, subjects: list[int] | None) -> None:
             "space": "mindeye2",
         }
     ids = np.unique(np.concatenate([trials["nsd_id"] for _, trials, _ in plans.values()]))
-    with tqdm(total=len(ids), desc="images", unit="image") as progress:
+    with tqdm(total=len(ids), desc="images", unit="image", disable=None) as progress:
         write_images(
             out / "images.h5", ids, _image_source(images_path, progress), source=f"mindeye2 {images_path}"
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ class BrainITCLI(LightningCLI):
         of printing the whole usage and exiting."""
         kwargs.setdefault("save_config_kwargs", {"overwrite": False})
         raising = {"exit_on_error": False}
+        # Lightning's bar (elapsed < ETA per epoch) on a terminal; none in a log file or CI, where every
+        # refresh would be a line. A config's or the command line's trainer.enable_progress_bar wins.
+        kwargs.setdefault("trainer_defaults", {"enable_progress_bar": sys.stderr.isatty()})
         super().__init__(
             model_class=LightningModule,
             datamodule_class=NSDDataModule,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -151,6 +152,9 @@ class EncoderModule(L.LightningModule):
             out of the optimizer).
         voxel_subjects: with ``"voxel_embed"``, only these subjects' rows of the table train (the others
             keep zero gradients, :class:`~brainit_pl.models.encoder.VoxelRows`); ``None``: every row.
+        brain_maps: after the last validation epoch and at test, draw each subject's per-voxel r (and noise
+            ceiling, when the store has ncsnr) on its brain — volume or fsaverage surface — as
+            ``<log dir>/brain_maps/<stage>_<map>_subjNN.png`` and TensorBoard images ``<stage>/brain_<map>/subjNN``.
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class EncoderModule(L.LightningModule):
         lr_threshold_mode: Literal["rel", "abs"] = "rel",
         trainable: Literal["all", "voxel_embed"] = "all",
         voxel_subjects: list[int] | None = None,
+        brain_maps: bool = False,
     ) -> None:
         super().__init__()
         check_trainable(trainable, voxel_subjects)
@@ -253,6 +258,39 @@ class EncoderModule(L.LightningModule):
         summary = summarize(r.cpu(), None if nc is None else nc.cpu())
         self.log_dict({f"{stage}/{k}": v for k, v in summary.items()}, prog_bar=stage == "val")
         metric.reset()
+        if self.hparams.get("brain_maps") and self._draws_maps(stage):
+            self._brain_maps(stage, r.cpu(), None if nc is None else nc.cpu())
+
+    def _draws_maps(self, stage: str) -> bool:
+        """Brain maps on rank 0, at test and after the last validation epoch (nilearn takes seconds a map)."""
+        trainer = self.trainer
+        if not trainer.is_global_zero or trainer.sanity_checking:
+            return False
+        last = trainer.max_epochs is not None and self.current_epoch + 1 >= trainer.max_epochs
+        return stage == "test" or last or trainer.should_stop
+
+    def _brain_maps(self, stage: str, r: Tensor, nc: Tensor | None) -> None:
+        """Each subject's per-voxel r (and noise ceiling) on its brain: PNGs in the log dir and TensorBoard."""
+        from brainit_pl.viz import log_png, plot_subject_map
+
+        store = getattr(self.trainer.datamodule, "store", None)
+        if store is None:
+            return
+        folder = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "brain_maps"
+        maps = {
+            "voxel_corr": (r, "encoder r"),
+            **({"noise_ceiling": (nc, "noise ceiling")} if nc is not None else {}),
+        }
+        offsets = np.cumsum([0, *self.encoder.n_voxels.values()])
+        for (subject, start), stop in zip(zip(self.encoder.n_voxels, offsets), offsets[1:]):
+            if subject not in store.subjects:
+                continue
+            for name, (values, what) in maps.items():
+                path = folder / f"{stage}_{name}_subj{subject:02d}.png"
+                part = np.nan_to_num(values[start:stop].numpy())
+                title = f"subj{subject:02d} {what} ({stage}, epoch {self.current_epoch})"
+                if plot_subject_map(path, part, store.subject(subject), title=title):
+                    log_png(self.logger, f"{stage}/brain_{name}/subj{subject:02d}", path, self.global_step)
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")

@@ -1,6 +1,7 @@
 """Score reconstructions against ground-truth images with the standard NSD metrics.
 
-Writes OUT/metrics.md, OUT/metrics.csv and OUT/metrics.json: one row per subject (``subjNN/`` folders) or
+Writes OUT/metrics.md, OUT/metrics.csv and OUT/metrics.json (and OUT/report.html, a page with the ground
+truth beside the reconstructions and the metrics with their intervals): one row per subject (``subjNN/`` folders) or
 one row ``all`` (a flat folder), their mean, the protocol, the number of test images, and the published
 Brain-IT / MindEye2 rows for context.
 
@@ -22,6 +23,7 @@ from brainit_pl.errors import BrainITError
 from brainit_pl.files import atomic_write_text
 from brainit_pl.metrics import bootstrap
 from brainit_pl.metrics.folders import RECON_KINDS, discover, load_embeddings, load_images
+from brainit_pl.metrics.html import Gallery, write_html_report
 from brainit_pl.metrics.protocols import DEFAULT_PROTOCOL, PROTOCOLS, RETRIEVAL_SEED, get_protocol
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,15 @@ def evaluate_folders(
         }
     files = write_reports(out, results, nets=nets, counts=counts)
     files["per_image"] = write_per_image(out / "per_image.csv", per_image)
+    files["html"] = write_html_report(
+        out / "report.html",
+        title=f"brainit-pl evaluate: {recons}",
+        results={kind or "reconstructions": results},
+        galleries=[
+            Gallery(s.subject, s.gt_dir, {kind or "reconstruction": s.recon_dir}, s.names) for s in sets
+        ],
+        notes=[f"Reconstructions {recons}, ground truth {gt}, feature networks: {nets}."],
+    )
     return results, files
 
 

@@ -166,13 +166,9 @@ def _sizes_csv(clusters: ClusterMap) -> str:
 
 
 def _plot_maps(out: Path, clusters: ClusterMap, store: Store, tensorboard: bool) -> list[Path]:
-    """Draw each subject's clusters on its volume: ``clusters_subjNN.png`` (and TensorBoard figures)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from brainit_pl.viz import plot_voxel_map
+    """Draw each subject's clusters on its brain (volume or fsaverage surface): ``clusters_subjNN.png``
+    (and TensorBoard images ``v2c/clusters_subjNN``)."""
+    from brainit_pl.viz import log_png, plot_subject_map
 
     writer = None
     if tensorboard:
@@ -180,21 +176,15 @@ def _plot_maps(out: Path, clusters: ClusterMap, store: Store, tensorboard: bool)
 
         writer = SummaryWriter(str(out / "tb"))
     written = []
-    for s in tqdm(clusters.n_voxels, desc="brain maps", unit="subject"):
-        sub = store.subject(s)
-        if sub.affine is None or sub.volume_shape is None:
-            log.warning("subject %d: the store has no volume geometry (surface space?); no brain map", s)
-            continue
-        affine, shape = sub.affine, sub.volume_shape
-        fig, axes = plt.subplots(figsize=(9, 3.2))
+    for s in tqdm(clusters.n_voxels, desc="brain maps", unit="subject", disable=None):
         path = out / f"clusters_subj{s:02d}.png"
         title = f"subject {s}: {clusters.kind} clusters (K={clusters.n_clusters})"
-        plot_voxel_map(
-            path, clusters.subject_labels(s), sub.ijk, shape, affine, categorical=True, title=title, axes=axes
-        )
-        if writer is not None:
-            writer.add_figure(f"v2c/clusters_subj{s:02d}", fig, close=False)
-        plt.close(fig)
+        if not plot_subject_map(
+            path, clusters.subject_labels(s), store.subject(s), title=title, categorical=True
+        ):
+            log.warning("subject %d: the store has no volume or surface geometry; no brain map", s)
+            continue
+        log_png(writer, f"v2c/clusters_subj{s:02d}", path)
         written.append(path)
     if writer is not None:
         writer.add_histogram(

@@ -14,7 +14,7 @@ Attach to a run (``trainer.callbacks`` in the config). What the chain is made of
 * validation, every ``every_n_epochs`` epochs: a fixed subset (the first ``n_images`` validation images)
   is reconstructed with ``dip_steps`` DIP steps; ``val/recon_<stage>_pixcorr`` / ``_ssim`` are logged and a
   grid (ground truth | each stage) goes to TensorBoard as ``val/reconstructions``;
-* test: every test image (``test_dip_steps``), saved as ``brainit-pl reconstruct`` saves them (PNGs and
+* test (unless ``test=False``: the training configs only preview): every test image (``test_dip_steps``), saved as ``brainit-pl reconstruct`` saves them (PNGs and
   arrays per subject and stage, in ``<log dir>/reconstruct``), scored per stage with the metric suite
   (``metrics_<stage>/``) and logged to TensorBoard (``test_<stage>/...``).
 
@@ -62,6 +62,8 @@ class ReconstructionCallback(Callback):
         weights_dir: the weights folder.
         out_dir: where test reconstructions go (default ``<log dir>/reconstruct``).
         seed: seeds the DIP and the diffusion noise.
+        test: reconstruct and score the test images at ``test`` (``False``: validation previews only, as the
+            training configs use it: their ``test`` scores features, not pictures).
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class ReconstructionCallback(Callback):
         weights_dir: str | None = None,
         out_dir: str | None = None,
         seed: int = 0,
+        test: bool = True,
     ) -> None:
         require(every_n_epochs >= 0 and n_images >= 1, "every_n_epochs must be >= 0 and n_images >= 1")
         require(nets in ("real", "tiny", "none"), f"nets must be real, tiny or none, got {nets!r}")
@@ -101,6 +104,7 @@ class ReconstructionCallback(Callback):
         }
         self.dip_steps, self.test_dip_steps = dip_steps, test_dip_steps
         self.nets, self.weights_dir, self.out_dir = nets, weights_dir, out_dir
+        self.test = test
         self._chain: Reconstructor | None = None
         self._subset: list[dict[str, torch.Tensor]] = []
 
@@ -157,12 +161,8 @@ class ReconstructionCallback(Callback):
         if not self._due(trainer) or held >= self.n_images:
             return
         take = self.n_images - held  # batches hold one subject each: keep them as separate parts
-        keys = ("betas", "voxel_ids", "nsd_id", "subject", "image_224")
-        require(
-            "image_224" in batch,
-            "ReconstructionCallback compares with the 224² stimuli: add 224 to data.image_sizes",
-        )
-        self._subset.append({k: batch[k][:take].detach() for k in keys})
+        part = {k: batch[k][:take].detach() for k in ("betas", "voxel_ids", "nsd_id", "subject")}
+        self._subset.append({**part, "gt": _ground_truth(batch)[:take].detach().cpu()})
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self._subset:
@@ -176,7 +176,7 @@ class ReconstructionCallback(Callback):
         rows: dict[str, list[torch.Tensor]] = {"gt": []}
         for part in self._subset:
             images = chain(part)
-            rows["gt"].append(part["image_224"].float().cpu())
+            rows["gt"].append(part["gt"])
             for stage, pixels in images.items():
                 rows.setdefault(stage, []).append(_to_224(pixels).cpu())
         self._subset = []
@@ -192,6 +192,8 @@ class ReconstructionCallback(Callback):
 
     # ------------------------------------------------------------------------------------------- test
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.test:
+            return
         # one folder for all ranks: rank 0's log dir, broadcast (the others may not know it)
         from brainit_pl.recon.reconstruct import claim_folder
 
@@ -224,6 +226,8 @@ class ReconstructionCallback(Callback):
     ) -> None:
         from brainit_pl.recon.reconstruct import reconstruct_missing
 
+        if not self.test:
+            return
         chain = self._reconstructor(pl_module)
         chain.dip_steps = self.test_dip_steps
         reconstruct_missing(self._out, batch, chain)
@@ -232,7 +236,10 @@ class ReconstructionCallback(Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from brainit_pl.metrics.report import log_to_tensorboard
         from brainit_pl.recon.reconstruct import finish, mark_finished
+        from brainit_pl.viz import log_png
 
+        if not self.test:
+            return
         chain = self._reconstructor(pl_module)
         subjects = _gather(trainer, self._subjects)
         trainer.strategy.barrier("reconstructions written")  # every rank's PNGs are on disk
@@ -243,14 +250,9 @@ class ReconstructionCallback(Callback):
         for stage, result in results.items():
             if trainer.logger is not None:
                 log_to_tensorboard(trainer.logger, result, prefix=f"test_{stage}", step=trainer.global_step)
-        writer = getattr(trainer.logger, "experiment", None)
-        grid = self._out / "reconstructions.png"
-        if writer is not None and hasattr(writer, "add_image") and grid.is_file():
-            import numpy as np
-            from PIL import Image
-
-            writer.add_image("test/reconstructions", np.asarray(Image.open(grid).convert("RGB")),
-                             trainer.global_step, dataformats="HWC")  # fmt: skip
+        log_png(
+            trainer.logger, "test/reconstructions", self._out / "reconstructions.png", trainer.global_step
+        )
         log.info("test reconstructions (%s) in %s", ", ".join(chain.stages), self._out)
 
 
@@ -263,6 +265,16 @@ def _gather(trainer: L.Trainer, subjects: set[int]) -> list[int]:
     parts: list[Any] = [None] * trainer.world_size
     dist.all_gather_object(parts, sorted(subjects))
     return sorted({s for part in parts for s in part})
+
+
+def _ground_truth(batch: dict) -> torch.Tensor:
+    """The batch's stimuli at 224²: ``image_224``, else its largest size upsampled (a
+    low-level run reads only 112²; its previews are then scored against the upsampled stimuli)."""
+    sizes = sorted(
+        int(k.split("_")[1]) for k in batch if k.startswith("image_") and k.split("_")[1].isdigit()
+    )
+    require(bool(sizes), "ReconstructionCallback compares with the stimuli: the batches hold no image_<size>")
+    return _to_224(batch[f"image_{sizes[-1]}"])
 
 
 def _to_224(images: torch.Tensor) -> torch.Tensor:

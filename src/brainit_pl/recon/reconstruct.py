@@ -19,6 +19,8 @@ Output folder ``OUT``::
     OUT/subjNN/<stage>.npz            the same as arrays: nsd_id (N,), images (N, 3, 224, 224) uint8
     OUT/metrics_<stage>/metrics.*     the metric suite on that stage, a row per subject (evaluate's report)
     OUT/reconstructions.png           ground truth | stages, the first images of every subject
+    OUT/report.html                   one self-contained page: ground truth beside each stage per subject,
+                                      every stage's metrics with their intervals
     OUT/run.json                      the settings (a resumed run that saved images must match them);
                                       ``finished`` at the end
 
@@ -373,6 +375,7 @@ def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, devic
     """Arrays, the grid and the metric reports of a complete folder."""
     from brainit_pl.metrics.evaluate import evaluate_folders
     from brainit_pl.metrics.folders import read_rgb
+    from brainit_pl.metrics.html import reconstruction_report
     from brainit_pl.viz import save_image_grid
 
     rows: list[list[np.ndarray]] = [[] for _ in range(1 + len(stages))]
@@ -394,9 +397,7 @@ def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, devic
             out / "reconstructions.png", [np.stack(r) for r in rows], row_labels=labels, col_labels=columns
         )
     results: dict[str, Any] = {}
-    if nets == "none":
-        return results
-    for stage in stages:
+    for stage in stages if nets != "none" else ():
         results[stage], _ = evaluate_folders(
             out,
             out / "gt",
@@ -406,4 +407,5 @@ def finish(out: Path, stages, subjects: list[int], nets: str, weights_dir, devic
             weights_dir=weights_dir,
             device=device,
         )
+    reconstruction_report(out)
     return results

@@ -3,7 +3,14 @@
 Layer (:mod:`brainit_pl.layers`): imports only ``errors`` and ``files``.
 """
 
-from brainit_pl.viz.brain import plot_voxel_map, voxel_volume
-from brainit_pl.viz.grids import save_image_grid
+from brainit_pl.viz.brain import plot_subject_map, plot_surface_map, plot_voxel_map, voxel_volume
+from brainit_pl.viz.grids import log_png, save_image_grid
 
-__all__ = ["plot_voxel_map", "save_image_grid", "voxel_volume"]
+__all__ = [
+    "log_png",
+    "plot_subject_map",
+    "plot_surface_map",
+    "plot_voxel_map",
+    "save_image_grid",
+    "voxel_volume",
+]

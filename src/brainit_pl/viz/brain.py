@@ -80,3 +80,81 @@ def plot_voxel_map(
         axes.figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     if own_figure:
         plt.close(fig)
+
+
+FSAVERAGE5_VERTICES = (
+    10242  # per hemisphere; fsaverage's first 10,242 vertices are fsaverage5's (icosahedron)
+)
+
+
+def plot_surface_map(
+    path: str | os.PathLike,
+    values: np.ndarray,
+    ijk: np.ndarray,
+    *,
+    title: str | None = None,
+    categorical: bool = False,
+) -> None:
+    """Draw per-vertex values of an fsaverage store on nilearn's bundled fsaverage5 surfaces; save a PNG.
+
+    ``ijk`` is the store's vertex table: (vertex id, hemisphere 0 = lh / 1 = rh, -1). fsaverage's vertex
+    numbering nests its coarser icosahedra, so the vertices with ids below 10,242 are exactly fsaverage5's:
+    they are drawn (on the inflated surface, lateral view), the finer ones are left out. ``categorical``:
+    labels (clusters) as an ROI map, one colour per label, as :func:`plot_voxel_map` draws them.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from nilearn import datasets, plotting
+
+    values, ijk = np.asarray(values, dtype=np.float32), np.asarray(ijk, dtype=np.int64)
+    require(values.shape == (len(ijk),), f"{values.shape[0]} values for {len(ijk)} vertices")
+    mesh = datasets.fetch_surf_fsaverage("fsaverage5")  # bundled with nilearn: no download
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), subplot_kw={"projection": "3d"})
+    limit = float(np.abs(values).max()) or 1.0
+    for hemi, (side, ax) in enumerate(zip(("left", "right"), axes)):
+        texture = np.full(FSAVERAGE5_VERTICES, 0.0 if categorical else np.nan, dtype=np.float32)
+        keep = (ijk[:, 1] == hemi) & (ijk[:, 0] < FSAVERAGE5_VERTICES)
+        texture[ijk[keep, 0]] = values[keep] + 1 if categorical else values[keep]  # label 0 stays visible
+        common = {
+            "hemi": side,
+            "bg_map": mesh[f"sulc_{side}"],
+            "axes": ax,
+            "figure": fig,
+            "engine": "matplotlib",
+        }
+        if categorical:
+            cmap = _label_colormap(int(values.max()) + 1)
+            plotting.plot_surf_roi(mesh[f"infl_{side}"], texture.astype(int), cmap=cmap, **common)
+        else:
+            plotting.plot_surf_stat_map(
+                mesh[f"infl_{side}"], texture, colorbar=hemi == 1, vmax=limit, **common
+            )
+    if title:
+        fig.suptitle(title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_subject_map(
+    path: str | os.PathLike,
+    values: np.ndarray,
+    subject,
+    *,
+    title: str | None = None,
+    categorical: bool = False,
+) -> bool:
+    """Per-voxel values of one subject of a store on its brain: the volume when the store has its geometry,
+    the fsaverage surface for a surface store. ``subject`` is a store's subject (``ijk``, ``space``,
+    ``affine``, ``volume_shape``); ``categorical``: labels, one colour each. Returns False (nothing drawn)
+    when there is no geometry (a MindEye2 store)."""
+    if subject.affine is not None and subject.volume_shape is not None:
+        shape, affine = subject.volume_shape, subject.affine
+        plot_voxel_map(path, values, subject.ijk, shape, affine, title=title, categorical=categorical)
+        return True
+    if str(getattr(subject, "space", "")).startswith("fsaverage"):
+        plot_surface_map(path, values, subject.ijk, title=title, categorical=categorical)
+        return True
+    return False

@@ -80,3 +80,20 @@ def _labelled(
     for j, text in enumerate(cols or ()):
         draw.text((left + j * step + step / 2, top / 2), text, fill="black", font=font, anchor="mm")
     return canvas
+
+
+def log_png(logger, tag: str, path: str | os.PathLike, step: int = 0) -> bool:
+    """Show a saved PNG in TensorBoard as image ``tag``.
+
+    Args:
+        logger: a Lightning logger (its ``experiment``), a ``SummaryWriter``, or ``None``.
+
+    Returns:
+        Whether it was logged (False without a writer that takes images, or without the file).
+    """
+    writer = getattr(logger, "experiment", logger)
+    if writer is None or not hasattr(writer, "add_image") or not os.path.isfile(path):
+        return False
+    with Image.open(path) as image:
+        writer.add_image(tag, np.asarray(image.convert("RGB")), step, dataformats="HWC")
+    return True

@@ -18,7 +18,8 @@ Steps (each skipped when its output exists, so re-running is cheap; every comman
    ``semantic``) — and the ablation stage-1 BIT + the pretrained, not fine-tuned, tiny unCLIP
    (``semantic_stock``), with the tiny metric networks;
 9. the report ``OUT/report/``: ``metrics.md`` / ``metrics.json`` (per reconstruction stage),
-   ``reconstructions.png``, ``clusters.png``, ``summary.json`` (the science in numbers).
+   ``reconstructions.png``, ``clusters.png``, ``summary.json`` (the science in numbers), and ``report.html``
+   (all of it on one self-contained page, with the brain maps).
 
 Every model is a tiny twin and the data is simulated: the numbers check the pipeline and the method's
 relative claims on a brain whose truth is known, they are not comparable with published NSD results.
@@ -177,6 +178,7 @@ class Demo:
         start = time.perf_counter()
         action()
         self.summary["timings_s"][name] = round(time.perf_counter() - start, 1)
+        print(f"[{name}] {self.summary['timings_s'][name]:.1f} s", flush=True)
 
     # ---------------------------------------------------------------------------------------- steps
     def run(self) -> dict[str, Any]:
@@ -413,6 +415,8 @@ class Demo:
         self.summary.setdefault("recon", {})["linear_baseline"] = stage_metrics(metrics)
 
     def _report(self, store: Path) -> None:
+        from brainit_pl.metrics.html import reconstruction_report
+
         report = self.out / "report"
         report.mkdir(exist_ok=True)
         recon = self.out / "reconstruct"
@@ -450,7 +454,11 @@ class Demo:
         }
         self.summary["report"] = str(report)
         atomic_write_text(report / "summary.json", json.dumps(self.summary, indent=2) + "\n")
-        print(f"report: {report}")
+        reconstruction_report(recon, report / "report.html", title="brainit-pl demo", summary=self.summary,
+                              figures=[report / "clusters.png", *sorted(self.out.glob("nsd/simulation/preview_*.png")),
+                                       *sorted(self.out.glob("encoder/**/brain_maps/*.png"))])  # fmt: skip
+        print(f"total: {sum(self.summary['timings_s'].values()):.1f} s of steps run now")
+        print(f"report: {report} (open report.html)")
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -401,4 +401,7 @@ class TransferDemo(Demo):
         save_cluster_map(report / "clusters.png", clusters, Store(self.store), self.subject)
         summary["report"] = str(report)
         atomic_write_text(report / "summary.json", json.dumps(summary, indent=2) + "\n")
-        print(markdown + f"\nreport: {report}")
+        print(
+            markdown
+            + f"\ntotal: {sum(self.timings.values()):.1f} s of steps (OUT/timings.json)\nreport: {report}"
+        )
