@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from brainit_pl.backbones.weights import WEIGHT_FILES, find_weights, weights_folder
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``brainit-pl weights``."""
@@ -23,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--weights-dir",
         type=Path,
         default=None,
-        help="the weights folder [$BRAINIT_WEIGHTS or ~/.cache/brainit-pl/weights]",
+        help="the weights folder (default: $BRAINIT_WEIGHTS or ~/.cache/brainit-pl/weights)",
     )
     parser.add_argument("--missing", action="store_true", help="list only the files not found")
 
@@ -32,6 +30,8 @@ def inventory(weights_dir: str | Path | None = None) -> list[dict[str, str | int
     """One row per :data:`~brainit_pl.backbones.weights.WEIGHT_FILES` entry: ``key``, ``what``,
     ``used_by``, ``path`` / ``where`` / ``bytes`` (``None`` when missing) and ``fetch`` (the download command)."""
     rows = []
+    from brainit_pl.backbones.weights import WEIGHT_FILES, find_weights  # torch: not for --help
+
     for key, spec in WEIGHT_FILES.items():
         found = find_weights(key, weights_dir)
         path, where = found if found is not None else (None, None)
@@ -67,6 +67,8 @@ def _human(n: int) -> str:
 
 def format_rows(rows: list[dict], weights_dir: str | Path | None = None) -> str:
     """The listing ``brainit-pl weights`` prints."""
+    from brainit_pl.backbones.weights import weights_folder
+
     lines = [f"weights folder: {weights_folder(weights_dir)}", ""]
     for row in rows:
         found = row["path"] is not None
