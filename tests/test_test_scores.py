@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +14,11 @@ from brainit_pl.cli import main
 from brainit_pl.errors import BrainITError
 from brainit_pl.metrics.compare import compare_scores, find_test_scores, read_test_scores, write_test_scores
 from brainit_pl.metrics.features import SampleKeys, feature_quality, per_image_quality
+from brainit_pl.workflows.demo import _add_test_intervals
 from test_bit_lit import _args, _scalars
 
-RIDGE_SEMANTIC = Path(__file__).parents[1] / "configs" / "sim" / "ridge_semantic.yaml"
+ROOT = Path(__file__).parents[1]
+RIDGE_SEMANTIC = ROOT / "configs" / "sim" / "ridge_semantic.yaml"
 
 
 # ------------------------------------------------------------------------------ per-image values
@@ -117,3 +121,56 @@ def test_compare_pairs_by_sample_not_by_order():
 def test_compare_refuses_different_samples():
     with pytest.raises(BrainITError, match="same test samples"):
         compare_scores({(1, 1): 0.5, (1, 2): 0.4}, {(1, 1): 0.5, (1, 3): 0.4})
+
+
+# ------------------------------------------------------------------------------ the demo's summary and the benchmark
+def _benchmark():
+    spec = importlib.util.spec_from_file_location(
+        "bit_vs_baselines", ROOT / "benchmarks" / "bit_vs_baselines.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_summary_gains_intervals_and_comparisons(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = torch.tensor([[1 + k % 2, k] for k in range(100)])
+    base = rng.uniform(0.3, 0.7, size=100)
+    models = {
+        "bit": base + 0.1,
+        "mindeye2_baseline": base,
+        "ridge_baseline": base + 0.1 + rng.normal(0, 0.05, 100),
+    }
+    summary: dict = {}
+    for key, values in models.items():  # the demo's order: the BIT first
+        folder = tmp_path / "semantic" / key / "test" / "lightning_logs" / "version_0"
+        folder.mkdir(parents=True)
+        write_test_scores(folder / "test_scores.csv", keys, {"clip_cos": values, "clip_2way": values})
+        summary[key] = {"semantic_test_clip_cos": float(values.mean())}
+        _add_test_intervals(summary, tmp_path, "semantic", key)
+
+    for key, values in models.items():
+        low, high = summary[key]["semantic_test_clip_cos_ci"]
+        assert low < values.mean() < high and summary[key]["semantic_test_clip_2way_ci"] == [low, high]
+    assert set(summary["comparisons"]) == {"semantic_clip_cos", "semantic_clip_2way"}
+    cos = summary["comparisons"]["semantic_clip_cos"]
+    assert set(cos) == {"bit_vs_mindeye2_baseline", "bit_vs_ridge_baseline"}
+    assert cos["bit_vs_mindeye2_baseline"]["verdict"] == "better"
+    assert cos["bit_vs_mindeye2_baseline"]["diff"] == pytest.approx(0.1)
+    assert (
+        cos["bit_vs_ridge_baseline"]["verdict"] == "tie" and cos["bit_vs_ridge_baseline"]["n_images"] == 100
+    )
+
+    benchmark = _benchmark()
+    text = "\n".join(benchmark.table(summary))
+    assert "| semantic_clip_cos | bit_vs_mindeye2_baseline | +0.100 |" in text and "| tie |" in text
+    assert f"{summary['bit']['semantic_test_clip_cos']:.3f} [" in text
+    assert json.loads(json.dumps(benchmark.results(summary)))["comparisons"] == summary["comparisons"]
+
+
+def test_demo_summary_without_test_scores(tmp_path):
+    summary = {"bit": {}, "ridge_baseline": {}}
+    for key in summary:
+        _add_test_intervals(summary, tmp_path, "lowlevel", key)
+    assert summary["ridge_baseline"] == {"lowlevel_test_vgg_2way_ci": None} and "comparisons" not in summary

@@ -47,9 +47,10 @@ class TestScoresMixin:
             return None
         keys, values = per_image_quality(quality, self.test_keys)
         self.test_keys.reset()
-        if not self.trainer.is_global_zero or self.trainer.log_dir is None:
+        log_dir = self.trainer.log_dir  # collective under DDP (a broadcast from rank 0): every rank asks
+        if not self.trainer.is_global_zero or log_dir is None:
             return None
-        path = Path(self.trainer.log_dir) / SCORES_FILE
+        path = Path(log_dir) / SCORES_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         write_test_scores(path, keys, values)
         log.info("per-image test scores of %d samples: %s", len(keys), path)

@@ -24,6 +24,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
 from brainit_pl.metrics.identification import two_way_identification, two_way_per_image
+from brainit_pl.metrics.image import is_empty
 
 # Token positions per VGG scale kept for vgg_2way (of 3136, 3025, 784, 196, 49 at 112²).
 EVAL_TOKENS_PER_SCALE = (64, 64, 64, 32, 16)
@@ -84,7 +85,9 @@ class TokenCosine(Metric):
 
     def per_image(self) -> Tensor:
         """(N,) float64: each image's mean token cosine, in update order; the mean is :meth:`compute`."""
-        return dim_zero_cat(self.values).double() if self.values else torch.zeros(0, dtype=torch.float64)
+        if is_empty(self.values):
+            return torch.zeros(0, dtype=torch.float64)
+        return dim_zero_cat(self.values).double()
 
 
 class TokenTwoWay(Metric):
@@ -121,7 +124,7 @@ class TokenTwoWay(Metric):
         """(N,) float64: per image, the fraction of the other N − 1 images of the pool it is told apart from
         (:func:`~brainit_pl.metrics.identification.two_way_per_image`), in update order; the mean is
         :meth:`compute`. NaN for a pool of fewer than 2 images."""
-        if not self.pred:
+        if is_empty(self.pred):
             return torch.zeros(0, dtype=torch.float64)
         pred, target = dim_zero_cat(self.pred), dim_zero_cat(self.target)
         if len(pred) < 2:
@@ -147,7 +150,7 @@ class SampleKeys(Metric):
 
     def compute(self) -> Tensor:
         """(N, 2) int64: (subject, nsd_id) per sample."""
-        if not self.subject:
+        if is_empty(self.subject):
             return torch.zeros(0, 2, dtype=torch.long)
         return torch.stack([dim_zero_cat(self.subject), dim_zero_cat(self.nsd_id)], dim=1)
 
