@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from brainit_pl.metrics.compare import compare_scores, find_test_scores, read_te
 from brainit_pl.metrics.features import SampleKeys, feature_quality, per_image_quality
 from brainit_pl.workflows.demo import _add_test_intervals
 from test_bit_lit import _args, _scalars
+from test_fit import DIST_VARS
 
 ROOT = Path(__file__).parents[1]
 RIDGE_SEMANTIC = ROOT / "configs" / "sim" / "ridge_semantic.yaml"
@@ -77,6 +81,33 @@ def test_bit_and_ridge_write_test_scores(bit_store, tmp_path):
     bit, ridge = (read_test_scores(find_test_scores(tmp_path / run)) for run in ("bit", "ridge"))
     assert set(bit["clip_cos"]) == set(ridge["clip_cos"])  # the same test samples: comparable
     assert compare_scores(bit["clip_cos"], ridge["clip_cos"])["verdict"] in ("better", "worse", "tie")
+
+
+def test_test_scores_under_ddp(bit_store, tmp_path):
+    """2-process gloo DDP: one file (rank 0) with every test sample once, and the single process's values."""
+    fit = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
+    assert main(_args(bit_store, tmp_path / "fit", *fit)) == 0
+    ckpt = str(next((tmp_path / "fit").rglob("last.ckpt")))
+    assert main(_args(bit_store, tmp_path / "single", "--ckpt_path", ckpt, command="test")) == 0
+    ddp = (
+        "--ckpt_path",
+        ckpt,
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--data.batch_size",
+        "4",
+    )
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    cmd = [sys.executable, "-m", "brainit_pl.cli", *_args(bit_store, tmp_path / "ddp", *ddp, command="test")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (path,) = (tmp_path / "ddp").rglob("test_scores.csv")
+    _check_scores(tmp_path / "ddp")
+    single, ddp_scores = read_test_scores(find_test_scores(tmp_path / "single")), read_test_scores(path)
+    for name, values in single.items():
+        assert ddp_scores[name] == pytest.approx(values, abs=1e-5), name
 
 
 # ------------------------------------------------------------------------------ comparisons
