@@ -38,6 +38,10 @@ def test_demo_pipeline_on_the_tiny_store(tiny_store, tmp_path, read_report):
         assert (
             summary[model]["semantic_val_cos"] is not None and summary[model]["lowlevel_val_2way"] is not None
         )
+    comparisons = summary["comparisons"]
+    assert set(comparisons) == {"semantic_clip_cos", "semantic_clip_2way", "lowlevel_vgg_2way"}
+    assert all(set(c) == {"bit_vs_mindeye2_baseline", "bit_vs_ridge_baseline"} for c in comparisons.values())
+    assert len(summary["ridge_baseline"]["lowlevel_test_vgg_2way_ci"]) == 2
     assert {"low_level", "semantic", "semantic_stock", "linear_baseline"} <= set(summary["recon"])
     for stage in ("low_level", "semantic", "semantic_stock", "linear_baseline"):
         low, high = summary["recon"][stage]["pixcorr_ci"]

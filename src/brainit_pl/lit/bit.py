@@ -38,6 +38,7 @@ from brainit_pl.errors import BrainITError, require
 from brainit_pl.lit.checkpoints import architecture_differences, checkpoint_dict, file_digest
 from brainit_pl.lit.guards import check_finite_loss
 from brainit_pl.lit.schedule import CubicWarmupPlateau
+from brainit_pl.lit.test_scores import TestScoresMixin
 from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.bit import BIT, BITConfig
 from brainit_pl.models.encoder import VoxelRows, check_trainable
@@ -61,7 +62,7 @@ ARCHITECTURE_HPARAMS = (
 )
 
 
-class BITModule(L.LightningModule):
+class BITModule(TestScoresMixin, L.LightningModule):
     """A feature decoder (BIT or the MindEye2-style baseline) for one branch, trained on all subjects.
 
     Args:
@@ -175,6 +176,7 @@ class BITModule(L.LightningModule):
             {stage: feature_quality(branch, f"{stage}/", self.target_shape[0]) for stage in ("val", "test")}
         )
         self.val_loss = MeanMetric()  # the scheduler's input (synced over ranks: one rate everywhere)
+        self.init_test_scores()
         self.voxel_rows = None
         if trainable == "voxel_embed":
             self.net.requires_grad_(False)
@@ -294,6 +296,8 @@ class BITModule(L.LightningModule):
             self.val_loss.update(loss.detach(), weight=bs)
         if not self._quality_due(stage):
             return
+        if stage == "test":
+            self.record_test_keys(batch)
         if self.hparams.branch == "semantic":
             self.quality[stage].update(pred, target)
             return
@@ -334,6 +338,7 @@ class BITModule(L.LightningModule):
             self.lr_schedulers().step(None)
 
     def on_test_epoch_end(self) -> None:
+        self.write_test_scores(self.quality["test"])  # before _log_quality resets the collection
         self._log_quality("test")
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from brainit_pl.errors import BrainITError, require
+from brainit_pl.lit.test_scores import TestScoresMixin
 from brainit_pl.metrics.features import eval_positions, feature_quality
 from brainit_pl.models.ridge import DEFAULT_ALPHAS, RidgeDecoder, RidgeSolution
 
@@ -37,7 +38,7 @@ BRANCHES = ("semantic", "lowlevel")
 GATHER_VALUES = 2**26  # values per all_gather call (256 MB of float32 per rank)
 
 
-class RidgeModule(L.LightningModule):
+class RidgeModule(TestScoresMixin, L.LightningModule):
     """Per-subject closed-form ridge from all voxels to the semantic or low-level targets.
 
     Args:
@@ -87,6 +88,7 @@ class RidgeModule(L.LightningModule):
             {stage: feature_quality(branch, f"{stage}/") for stage in ("val", "test")}
         )
         self._train_data: dict[int, list[tuple[Tensor, Tensor]]] = {}
+        self.init_test_scores()
 
     def forward(self, betas: Tensor, subject: int) -> Tensor:
         """(B, V_s) betas of all voxels of ``subject`` (store order) → (B, T, D) predicted tokens."""
@@ -218,6 +220,8 @@ class RidgeModule(L.LightningModule):
         self.log(f"{stage}/loss", F.mse_loss(pred, target), batch_size=bs, sync_dist=True, prog_bar=True)
         metric = self.metrics[stage]
         metric.update(pred, target)
+        if stage == "test":
+            self.record_test_keys(batch)
         self.log_dict(metric, batch_size=bs, prog_bar=True)
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -225,6 +229,9 @@ class RidgeModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self.write_test_scores(self.metrics["test"])  # Lightning computes and resets it after this hook
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """``tokens`` (B, T, D): all CLIP tokens, or the VGG tokens at ``self.positions``; ``nsd_id``, ``subject``."""

@@ -23,7 +23,8 @@ from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.utilities import dim_zero_cat
 
-from brainit_pl.metrics.identification import two_way_identification
+from brainit_pl.metrics.identification import two_way_identification, two_way_per_image
+from brainit_pl.metrics.image import is_empty
 
 # Token positions per VGG scale kept for vgg_2way (of 3136, 3025, 784, 196, 49 at 112²).
 EVAL_TOKENS_PER_SCALE = (64, 64, 64, 32, 16)
@@ -58,7 +59,10 @@ def token_cosine(pred: Tensor, target: Tensor) -> Tensor:
 
 
 class TokenCosine(Metric):
-    """Mean token cosine over all images seen (sums, so it syncs across devices)."""
+    """Mean token cosine over all images seen (sums, so it syncs across devices).
+
+    Each image's own cosine is kept too (a ``cat`` state, one float per image) for :meth:`per_image`.
+    """
 
     full_state_update = False
     higher_is_better = True
@@ -67,15 +71,23 @@ class TokenCosine(Metric):
         super().__init__(**kwargs)
         self.add_state("total", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("values", default=[], dist_reduce_fx="cat")
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         """Add (B, T, D) predicted and true tokens."""
         cos = token_cosine(pred.detach(), target.detach())  # (B,)
         self.total += cos.double().sum()
         self.count += len(cos)
+        self.values.append(cos)
 
     def compute(self) -> Tensor:
         return (self.total / self.count.clamp_min(1)).float()
+
+    def per_image(self) -> Tensor:
+        """(N,) float64: each image's mean token cosine, in update order; the mean is :meth:`compute`."""
+        if is_empty(self.values):
+            return torch.zeros(0, dtype=torch.float64)
+        return dim_zero_cat(self.values).double()
 
 
 class TokenTwoWay(Metric):
@@ -107,6 +119,58 @@ class TokenTwoWay(Metric):
         if len(pred) < 2:
             return torch.tensor(float("nan"))
         return two_way_identification(target, pred).float()
+
+    def per_image(self) -> Tensor:
+        """(N,) float64: per image, the fraction of the other N − 1 images of the pool it is told apart from
+        (:func:`~brainit_pl.metrics.identification.two_way_per_image`), in update order; the mean is
+        :meth:`compute`. NaN for a pool of fewer than 2 images."""
+        if is_empty(self.pred):
+            return torch.zeros(0, dtype=torch.float64)
+        pred, target = dim_zero_cat(self.pred), dim_zero_cat(self.target)
+        if len(pred) < 2:
+            return torch.full((len(pred),), float("nan"), dtype=torch.float64)
+        return two_way_per_image(target, pred)
+
+
+class SampleKeys(Metric):
+    """The (subject, nsd_id) of every sample seen, in update order (``cat`` states: they gather across
+    devices in the same order as the quality metrics' states, so row k names the k-th per-image value)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("subject", default=[], dist_reduce_fx="cat")
+        self.add_state("nsd_id", default=[], dist_reduce_fx="cat")
+
+    def update(self, subject: Tensor, nsd_id: Tensor) -> None:
+        """Add a batch's (B,) subjects and (B,) NSD image ids."""
+        self.subject.append(subject.detach().long().reshape(-1))
+        self.nsd_id.append(nsd_id.detach().long().reshape(-1))
+
+    def compute(self) -> Tensor:
+        """(N, 2) int64: (subject, nsd_id) per sample."""
+        if is_empty(self.subject):
+            return torch.zeros(0, 2, dtype=torch.long)
+        return torch.stack([dim_zero_cat(self.subject), dim_zero_cat(self.nsd_id)], dim=1)
+
+
+def per_image_quality(quality: MetricCollection, keys: SampleKeys) -> tuple[Tensor, dict[str, Tensor]]:
+    """The per-image values of a :func:`feature_quality` collection, gathered from every device.
+
+    Collective under DDP (every rank must call it); each metric's states are restored afterwards, so the
+    collection still computes (and logs) as usual.
+
+    Returns:
+        ``(keys, values)``: (N, 2) int64 (subject, nsd_id) per sample, and metric name (without the
+        collection's prefix) → (N,) float64 per-image values in the same order.
+    """
+    key_rows = keys.compute()  # compute syncs (and restores) by itself
+    values = {}
+    for name, metric in quality.items():
+        with metric.sync_context(should_unsync=True):  # per_image is not wrapped: sync here
+            values[name.rsplit("/", 1)[-1]] = metric.per_image().cpu()
+    return key_rows.cpu(), values
 
 
 def feature_quality(branch: str, prefix: str, n_tokens: int = 256) -> MetricCollection:

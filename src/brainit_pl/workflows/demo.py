@@ -360,6 +360,7 @@ class Demo:
                 values[best_epoch] if len(values) > best_epoch >= 0 else None
             )
             row[f"{branch}_test_{name}"] = tested.get(f"test/{name}", [None])[-1]
+        _add_test_intervals(self.summary, self.out, branch, key)
         return ckpt
 
     def _stage2(self, store: Path, semantic: Path, unclip: Path | None) -> Path:
@@ -506,6 +507,31 @@ def best_checkpoint(run: Path) -> Path:
     found = best or sorted(run.rglob("last.ckpt"))
     require(bool(found), f"{run} holds no checkpoint: delete the folder to train it again")
     return found[-1]
+
+
+def _add_test_intervals(summary: dict[str, Any], out: Path, branch: str, key: str) -> None:
+    """Add to ``summary`` the 95 % bootstrap interval over test images of each of ``key``'s test metrics
+    (``<branch>_test_<metric>_ci``) and, for a model other than the BIT, its paired comparison with the
+    BIT in ``comparisons[<branch>_<metric>]["bit_vs_<key>"]``: difference (BIT − model), its interval and
+    the verdict for the BIT (``"tie"`` when the interval contains 0). From the runs' ``test_scores.csv``;
+    a run tested before those files existed gets ``None`` intervals and no comparison."""
+    from brainit_pl.metrics.compare import compare_scores, find_test_scores, mean_with_ci, read_test_scores
+
+    def scores(model: str) -> dict[str, Any]:
+        path = find_test_scores(out / branch / model / "test")
+        return read_test_scores(path) if path is not None else {}
+
+    mine, bit = scores(key), scores("bit") if key != "bit" else {}
+    for name in METRICS[branch]:
+        summary[key][f"{branch}_test_{name}_ci"] = mean_with_ci(mine[name])["ci"] if name in mine else None
+        if name in mine and name in bit:
+            result = compare_scores(bit[name], mine[name])
+            summary.setdefault("comparisons", {}).setdefault(f"{branch}_{name}", {})[f"bit_vs_{key}"] = {
+                "diff": result["diff"],
+                "ci": result["diff_ci"],
+                "verdict": result["verdict"],
+                "n_images": result["n_images"],
+            }
 
 
 def _scalars(run: Path) -> dict[str, list[float]]:
