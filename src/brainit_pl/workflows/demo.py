@@ -476,10 +476,11 @@ LOWER_IS_BETTER = ("effnet", "swav")
 
 
 def recon_comparisons(folder: Path) -> dict[str, dict[str, Any]]:
-    """Paired bootstrap (same images) of :data:`RECON_PAIRS` per metric: ``a − b``, its interval, the verdict."""
+    """:data:`RECON_PAIRS` per metric on the images both scored (:func:`~brainit_pl.metrics.compare.compare_scores`):
+    ``a − b`` with its paired-bootstrap interval and the verdict, and each stage's mean with its interval."""
     import pandas as pd
 
-    from brainit_pl.metrics.bootstrap import paired_bootstrap
+    from brainit_pl.metrics.compare import compare_scores
 
     out: dict[str, dict[str, Any]] = {}
     for a, b in RECON_PAIRS:
@@ -491,12 +492,10 @@ def recon_comparisons(folder: Path) -> dict[str, dict[str, Any]]:
         )
         rows = {}
         for metric in (c[:-2] for c in merged.columns if c.endswith("_a")):
-            pair = merged[[f"{metric}_a", f"{metric}_b"]].dropna()
+            pair = merged[["subject", "image", f"{metric}_a", f"{metric}_b"]].dropna()
             if len(pair):
-                r = paired_bootstrap(
-                    pair.iloc[:, 0], pair.iloc[:, 1], higher_is_better=metric not in LOWER_IS_BETTER
-                )
-                rows[metric] = {"diff": r.mean_diff, "diff_ci": list(r.ci), "verdict": r.verdict}
+                keyed = [dict(zip(zip(pair["subject"], pair["image"]), pair[f"{metric}_{x}"])) for x in "ab"]
+                rows[metric] = compare_scores(*keyed, higher_is_better=metric not in LOWER_IS_BETTER)
         out[f"{a}_vs_{b}"] = rows
     return out
 
