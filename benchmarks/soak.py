@@ -240,16 +240,10 @@ def free_port() -> int:
 
 
 def ddp_config(work: Path, epochs: int) -> Path:
-    """configs/tiny.yaml for ``epochs`` epochs with the Progress callback (WORK/progress)."""
-    import yaml
+    """configs/tiny.yaml for ``epochs`` epochs with the Progress callback (WORK/progress), as tests/test_resume.py."""
+    from test_resume import _config
 
-    config = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
-    config["trainer"]["max_epochs"] = epochs
-    progress = {"class_path": "resume_progress.Progress", "init_args": {"path": str(work / "progress")}}
-    config["trainer"]["callbacks"].append(progress)
-    path = work / "ddp_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return _config(work, epochs)
 
 
 def start_fit(config: Path, store: Path, root: Path, *extra: str, delay: float = 0.0) -> subprocess.Popen:

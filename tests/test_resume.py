@@ -20,10 +20,10 @@ TINY = ROOT / "configs" / "tiny.yaml"
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "sim").glob("*.yaml"))
 
 
-def _config(tmp_path: Path) -> Path:
-    """configs/tiny.yaml for 4 epochs, with the Progress callback (tests/resume_progress.py)."""
+def _config(tmp_path: Path, epochs: int = 4) -> Path:
+    """configs/tiny.yaml for ``epochs`` epochs, with the Progress callback (tests/resume_progress.py)."""
     config = yaml.safe_load(TINY.read_text())
-    config["trainer"]["max_epochs"] = 4
+    config["trainer"]["max_epochs"] = epochs
     progress = {"class_path": "resume_progress.Progress", "init_args": {"path": str(tmp_path / "progress")}}
     config["trainer"]["callbacks"].append(progress)
     path = tmp_path / "config.yaml"

@@ -12,6 +12,12 @@ Units are the top-level modules and packages of ``brainit_pl`` plus the subpacka
 from __future__ import annotations
 
 DATA = ("data.layout", "data.sim", "data")  # the data layer, its two lower units included
+# what the workflows (the demo; the transfer package adds the demo's own) may import
+WORKFLOW_DEPS = (
+    *("errors", "files", "devices", "packaged_configs", "viz"),
+    *DATA,
+    *("metrics", "models", "lit", "recon", "features"),
+)
 
 # unit → (what it holds, the units it may import); bottom layer first
 LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -51,38 +57,10 @@ LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
         "extract-features, synthesize-fmri jobs",
         ("errors", "files", "devices", "backbones", *DATA, "models", "lit"),
     ),
-    "workflows": (
-        "the demo: every job in order on the simulated NSD",
-        (
-            "errors",
-            "files",
-            "devices",
-            "packaged_configs",
-            "viz",
-            *DATA,
-            "metrics",
-            "models",
-            "lit",
-            "recon",
-            "features",
-        ),
-    ),
+    "workflows": ("the demo: every job in order on the simulated NSD", WORKFLOW_DEPS),
     "workflows.transfer": (
         "a new subject from little data (transfer, its demo and report)",
-        (
-            "errors",
-            "files",
-            "devices",
-            "packaged_configs",
-            "viz",
-            *DATA,
-            "metrics",
-            "models",
-            "lit",
-            "recon",
-            "features",
-            "workflows",
-        ),
+        (*WORKFLOW_DEPS, "workflows"),
     ),
     "cli": ("brainit-pl: every command", ("errors", "files", "packaged_configs", "job_config", "lit")),
     "layers": ("this table", ()),
