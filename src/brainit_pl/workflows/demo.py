@@ -192,7 +192,8 @@ class Demo:
                       lambda: self.sh("prepare", "--nsd-root", str(nsd), "--out", str(store), "--overwrite"))  # fmt: skip
         self.step("clip features", store / "features_clip.h5",
                   lambda: self.sh("extract-features", "--store", str(store), "--tiny"))  # fmt: skip
-        pretrain = "bit" in a.models and not a.no_reconstruct and a.unclip_epochs > 0
+        reconstructs = "bit" in a.models and not a.no_reconstruct
+        pretrain = reconstructs and a.unclip_epochs > 0
         # The encoder and the unCLIP pretraining read only the store and its CLIP cache: side by side.
         self._side_by_side([self._encoder_job(store), *([self._unclip_job(store)] if pretrain else [])])
         encoder = self._encoder(store)
@@ -216,7 +217,7 @@ class Demo:
                 ckpts[f"{branch}/bit_anatomical"] = self._feature_model(
                     store, branch, "bit_anatomical", "bit", clusters["anatomical"],
                     external if a.n_external > 0 else None)  # fmt: skip
-        if "bit" in a.models and not a.no_reconstruct:
+        if reconstructs:
             unclip = self._run_job(self._unclip_job(store)) if pretrain else None
             stage2 = self._stage2(store, ckpts["semantic/bit"], unclip)
             self._reconstruct(store, ckpts["lowlevel/bit"], stage2, ckpts["semantic/bit"], unclip)
